@@ -1,0 +1,92 @@
+"""Command line: ``maskserve serve | info``.
+
+maskserve serve [--host 127.0.0.1] [--port 8000] [--model DIR|bundled] [--adapter DIR|shipped|none]
+maskserve info  [--model ...] [--adapter ...]     # what would be served, as JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from service.config import ConfigError, Settings, load_settings
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model directory, or 'bundled' (env MASKSERVE_MODEL)")
+    parser.add_argument("--adapter", help="adapter directory, 'shipped' or 'none' (env MASKSERVE_ADAPTER)")
+
+
+def _settings(args: argparse.Namespace, *names: str) -> Settings:
+    overrides = {n: getattr(args, n) for n in ("model", "adapter", *names) if getattr(args, n, None) is not None}
+    return load_settings(**overrides)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    settings = _settings(args, "host", "port")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from service.engine.loading import load_model
+
+    settings = _settings(args)
+    started = time.perf_counter()
+    m = load_model(settings)
+    info = {
+        "model": m.name,
+        "kind": m.kind.value,
+        "adapter": m.adapter,
+        "adapter_objective": m.adapter_objective.value if m.adapter_objective else None,
+        "device": str(m.device),
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "mask_token": m.mask_token,
+        "max_length": m.max_length,
+        "vocab_size": m.vocab_size,
+        "load_seconds": round(time.perf_counter() - started, 2),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskserve", description="Mask-aware transformer inference service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    _model_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    info = sub.add_parser("info", help="load the model and print what would be served")
+    _model_args(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"maskserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

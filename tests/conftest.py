@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models built once per session, settings and loaded models for them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from service.config import Settings, load_settings  # noqa: E402
+from service.engine.loading import LoadedModel, load_model  # noqa: E402
+from tests.tiny import build_tiny_bert, build_tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def bert_settings(tiny_bert_dir: Path) -> Settings:
+    return load_settings(model=str(tiny_bert_dir), adapter="none", max_batch_wait_ms=5)
+
+
+@pytest.fixture(scope="session")
+def llama_settings(tiny_llama_dir: Path) -> Settings:
+    return load_settings(model=str(tiny_llama_dir), adapter="none")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(bert_settings: Settings) -> LoadedModel:
+    return load_model(bert_settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(llama_settings: Settings) -> LoadedModel:
+    return load_model(llama_settings)
