@@ -11,7 +11,9 @@ All functions are pure: tensors in, tensors out, no model.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -106,3 +108,170 @@ def segment_position_ids(segment_ids: Tensor) -> Tensor:
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # (B, T) True where a segment begins
     start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=-1).values  # (B, T)
     return idx - start_idx
+
+
+# --- per-request attention constraints (exclude, isolate, emphasis) -------------------------------------------
+# Spans reach these functions as token ranges; service/masks/spans.py maps a client's character ranges to them.
+
+
+class SpanError(ValueError):
+    """A span that cannot work; ``param`` names it (e.g. ``attention.exclude[1]``)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class TokenSpan:
+    start: int  # first token index
+    end: int  # one past the last token index
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class AttentionConstraints:
+    """What one request may attend to, in token positions of its prompt.
+
+    - ``exclude``: no token outside a span may attend to it (the model reads around it);
+    - ``isolate``: segments that cannot attend to one another; everything else attends to all of them
+      (Parallel Context Windows, Ratner et al. 2023); ``restart_positions`` gives every segment the same
+      starting position, and what follows continues after the longest one;
+    - ``emphasis``: keys outside these spans get an additive ``-log(factor)`` (PASTA, Zhang et al. 2023),
+      i.e. the spans' share of attention grows by ``factor`` before renormalisation; on ``layers``/``heads``
+      only when given.
+    """
+
+    exclude: tuple[TokenSpan, ...] = ()
+    isolate: tuple[TokenSpan, ...] = ()
+    restart_positions: bool = False
+    emphasis: tuple[TokenSpan, ...] = ()
+    emphasis_factor: float = 1.0
+    emphasis_layers: tuple[int, ...] | None = None
+    emphasis_heads: tuple[int, ...] | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (self.exclude or self.isolate or (self.emphasis and self.emphasis_factor != 1.0))
+
+
+def _span_flags(n: int, spans: Sequence[TokenSpan], device: torch.device | None = None) -> Tensor:
+    flags = torch.zeros(n, dtype=torch.bool, device=device)  # (T,)
+    for span in spans:
+        flags[span.start : span.end] = True
+    return flags
+
+
+def segment_ids_for(n: int, segments: Sequence[TokenSpan], device: torch.device | None = None) -> Tensor:
+    """0 outside all segments, k+1 inside segment k. Tokens lying *between* two segments join the following
+    segment: otherwise a later segment could read an earlier one through them, and isolation would leak.
+    # -> (T,) long
+    """
+    ids = torch.zeros(n, dtype=torch.long, device=device)  # (T,)
+    ordered = sorted(segments, key=lambda s: s.start)
+    for k, span in enumerate(ordered):
+        start = ordered[k - 1].end if k > 0 else span.start
+        ids[start : span.end] = k + 1
+    return ids
+
+
+def constrained_structure(
+    n: int, constraints: AttentionConstraints, *, causal: bool = True, device: torch.device | None = None
+) -> Tensor:
+    """The prompt's attention structure under the constraints.  # -> (T, T) bool, True = query t sees key s
+
+    Every token still sees itself, so no row is ever empty.
+    """
+    base = causal_mask(n, device=device) if causal else bidirectional_mask(n, device=device)  # (T, T)
+    allowed = base.clone()
+    if constraints.exclude:
+        excluded = _span_flags(n, constraints.exclude, device)  # (T,)
+        # A key inside an excluded span is visible only to queries inside the same span.
+        same_span = torch.zeros(n, n, dtype=torch.bool, device=device)  # (T, T)
+        for span in constraints.exclude:
+            same_span[span.start : span.end, span.start : span.end] = True
+        allowed &= ~excluded[None, :] | same_span
+    if constraints.isolate:
+        seg = segment_ids_for(n, constraints.isolate, device)  # (T,)
+        in_seg = seg > 0
+        cross = in_seg[:, None] & in_seg[None, :] & (seg[:, None] != seg[None, :])  # (T, T)
+        allowed &= ~cross
+    return allowed | torch.eye(n, dtype=torch.bool, device=device)  # (T, T)
+
+
+def decode_key_row(n_prompt: int, constraints: AttentionConstraints, device: torch.device | None = None) -> Tensor:
+    """What a generated token may see of the prompt: everything but excluded spans.  # -> (n_prompt,) bool"""
+    return ~_span_flags(n_prompt, constraints.exclude, device)
+
+
+def constrained_position_ids(n: int, constraints: AttentionConstraints, device: torch.device | None = None) -> Tensor:
+    """Positions 0..n-1, or with ``restart_positions`` each isolated segment restarting where the first began
+    and later tokens continuing after the longest segment (PCW).  # -> (T,) long
+    """
+    if not (constraints.isolate and constraints.restart_positions):
+        return torch.arange(n, device=device)
+    seg = segment_ids_for(n, constraints.isolate, device).tolist()
+    pos = torch.empty(n, dtype=torch.long, device=device)
+    base = next(i for i, s in enumerate(seg) if s > 0)  # where the first segment starts
+    nxt, longest_end, current = 0, 0, 0
+    for i, s in enumerate(seg):
+        if s > 0:
+            if s != current:  # a new segment starts at the shared base
+                nxt, current = base, s
+            pos[i] = nxt
+            nxt += 1
+            longest_end = max(longest_end, nxt)
+        else:
+            if current:  # first token after the segments
+                nxt, current = longest_end, 0
+            pos[i] = nxt
+            nxt += 1
+    return pos
+
+
+def next_position(position_ids: Tensor) -> int:
+    """Where a generated token goes: one past the largest prompt position."""
+    return int(position_ids.max()) + 1
+
+
+def emphasis_key_bias(
+    n_keys: int, constraints: AttentionConstraints, dtype: torch.dtype, device: torch.device | None = None
+) -> Tensor:
+    """Additive bias per key: 0 on emphasized spans, ``-log(factor)`` elsewhere.  # -> (S,) float
+
+    Keys beyond the prompt (generated tokens) are not emphasized. Softmax is shift-invariant per row, so this
+    equals ``+log(factor)`` on the spans: their attention share grows by ``factor`` before renormalisation.
+    """
+    bias = torch.full((n_keys,), -math.log(constraints.emphasis_factor), dtype=dtype, device=device)  # (S,)
+    flags = _span_flags(n_keys, constraints.emphasis, device)
+    return bias.masked_fill(flags, 0.0)
+
+
+def validate_constraints(n: int, constraints: AttentionConstraints, *, last_token_reads: bool = True) -> None:
+    """Raise SpanError naming the span for out-of-range, empty or overlapping spans, and for spans that would
+    cut the token that produces the output off from its own input."""
+    groups = (("exclude", constraints.exclude), ("isolate", constraints.isolate), ("emphasis", constraints.emphasis))
+    seen: list[tuple[str, TokenSpan]] = []
+    for kind, spans in groups:
+        for i, span in enumerate(spans):
+            param = f"attention.{kind}[{i}]"
+            if not 0 <= span.start < span.end <= n:
+                raise SpanError(param, f"covers no token of the {n}-token prompt or lies outside it")
+            for other_param, other in seen:
+                if span.start < other.end and other.start < span.end:
+                    raise SpanError(param, f"overlaps {other_param}; spans must not overlap")
+            seen.append((param, span))
+    if last_token_reads:
+        for i, span in enumerate(constraints.exclude):
+            if span.end >= n:
+                raise SpanError(
+                    f"attention.exclude[{i}]",
+                    "includes the prompt's last token, which produces the output; end the span earlier",
+                )
+    if constraints.isolate and len(constraints.isolate) < 2:
+        raise SpanError("attention.isolate", "needs at least two segments to isolate from each other")
+    if constraints.emphasis and not constraints.emphasis_factor > 0:
+        raise SpanError("attention.emphasis.factor", "must be > 0")
