@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from service.config import ConfigError, Settings, load_settings
@@ -39,15 +41,26 @@ def run_server(app: FastAPI, settings: Settings) -> None:
     from service.logs import configure_logging
 
     configure_logging(settings.log_level)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
+    # uvicorn turns SIGTERM into a drain, then restores the previous handler and raises the signal again, so
+    # that the process dies of it (status 143). A drained shutdown is a clean one: exit 0 instead, so
+    # orchestrators and supervisors do not report a completed shutdown as a crash.
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -36,7 +36,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    """Send every logger (ours, uvicorn's, libraries') through one JSON handler on stderr."""
+    """Send every logger (ours, uvicorn's, libraries') through one JSON handler on stderr, and turn off the
+    progress bars transformers draws while loading weights: a log collector would read them as garbage lines.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

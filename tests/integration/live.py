@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -33,6 +35,10 @@ class LiveServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_lines(self) -> list[dict[str, Any]]:
+        """The server's output parsed as JSON lines (every line must be one: that is the log format)."""
+        return [json.loads(line) for line in self.log().splitlines() if line.strip()]
+
     def stop(self, timeout: float = 30) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -40,14 +46,12 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(
-    module: str, env: dict[str, str], log_path: Path, *, headers: dict[str, str] | None = None, timeout: float = 60
-) -> Iterator[LiveServer]:
-    """Start ``python -m <module>`` with MASKSERVE_* ``env`` and wait until /ready answers 200."""
+def live_server(args: list[str], env: dict[str, str], log_path: Path, *, timeout: float = 60) -> Iterator[LiveServer]:
+    """Start ``python <args>`` with MASKSERVE_* ``env`` (port chosen here) and wait until /ready answers 200."""
     port = free_port()
     full_env = {**os.environ, "MASKSERVE_HOST": "127.0.0.1", "MASKSERVE_PORT": str(port), **env}
     with log_path.open("wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", module], cwd=ROOT, env=full_env, stdout=log, stderr=log)
+        process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=full_env, stdout=log, stderr=log)
     server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
     try:
         deadline = time.monotonic() + timeout
@@ -55,7 +59,7 @@ def live_server(
             if process.poll() is not None:
                 raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
             try:
-                if httpx.get(f"{server.url}/ready", headers=headers, timeout=2).status_code == 200:
+                if httpx.get(f"{server.url}/ready", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
