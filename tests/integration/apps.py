@@ -7,8 +7,10 @@ these routes through ``service.cli.run_server``, exactly as ``maskserve serve`` 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from service.app import create_app
@@ -25,6 +27,8 @@ class Item(BaseModel):
 
 
 def add_test_routes(app: FastAPI) -> FastAPI:
+    released = asyncio.Event()
+
     @app.get("/test/boom")
     async def boom() -> None:
         raise RuntimeError(LEAKY_MESSAGE)
@@ -38,6 +42,23 @@ def add_test_routes(app: FastAPI) -> FastAPI:
     async def echo(request: Request) -> dict[str, object]:
         body = await request.body()
         return {"bytes": len(body), "request_id": request.state.request_id}
+
+    @app.get("/test/stream")
+    async def stream() -> StreamingResponse:
+        # The second chunk waits for POST /test/release: a client can only ask for that after it has received
+        # the first one, so a middleware that buffered the stream would deadlock this exchange.
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"first\n"
+            await asyncio.wait_for(released.wait(), timeout=20)
+            released.clear()
+            yield b"second\n"
+
+        return StreamingResponse(chunks(), media_type="text/plain")
+
+    @app.post("/test/release")
+    async def release() -> dict[str, bool]:
+        released.set()
+        return {"released": True}
 
     @app.post("/test/json")
     async def parsed(item: Item) -> dict[str, int]:

@@ -71,6 +71,25 @@ def test_logs_are_json_lines_with_request_ids(server: LiveServer) -> None:
     assert any(x["logger"] == "uvicorn.error" and "Application startup complete" in x["message"] for x in lines)
 
 
+def test_streaming_passes_through_unbuffered_and_disconnects_reach_the_app(server: LiveServer) -> None:
+    with httpx.Client(base_url=server.url, timeout=20) as client:
+        with client.stream("GET", "/test/stream", headers={"X-Request-ID": "stream-1"}) as response:
+            chunks = response.iter_bytes()
+            assert next(chunks) == b"first\n"  # arrived while the app still holds the second one
+            assert client.post("/test/release").json() == {"released": True}
+            assert b"".join(chunks) == b"second\n"
+        # Now leave after the first chunk: the app sees the disconnect through the middleware's receive.
+        with client.stream("GET", "/test/stream", headers={"X-Request-ID": "stream-2"}) as response:
+            assert next(response.iter_bytes()) == b"first\n"
+    deadline = time.monotonic() + 10
+    while not (lines := [x for x in server.log_lines() if x.get("request_id") == "stream-2"]):
+        assert time.monotonic() < deadline, "no access line for the abandoned stream"
+        time.sleep(0.1)
+    assert lines[0]["client_disconnected"] is True
+    assert lines[0]["status"] == 200
+    assert lines[0]["response_bytes"] == len(b"first\n")
+
+
 # Last in this module: it stops the module's server (one server start saved; pytest keeps file order).
 def test_sigterm_drains_in_flight_requests(server: LiveServer) -> None:
     with ThreadPoolExecutor(1) as pool:
