@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import generate, health
+from service.api import generate, health, openai
 from service.config import Settings, load_settings
 from service.engine.core import Engine
 from service.engine.loading import LoadedModel
@@ -38,4 +38,5 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     add_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(generate.router)
+    app.include_router(openai.router)
     return app

@@ -78,7 +78,7 @@ class OutputMaskFields(BaseModel):
 
 
 def parse_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
-    """JSON object keys are strings: ``{"50256": -100}`` -> ((50256, -100.0),)."""
+    """JSON object keys are strings: ``{"50256": -100}`` -> ((50256, -100.0),). Values lie in [-100, 100]."""
     out = []
     for key, value in (bias or {}).items():
         try:
@@ -86,6 +86,8 @@ def parse_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], 
         except ValueError:
             message = f"logit_bias keys are token ids; {key!r} is not one"
             raise InvalidRequest(message, param=f"logit_bias.{key}") from None
+        if not -100.0 <= value <= 100.0:
+            raise InvalidRequest("logit_bias values must lie in [-100, 100]", param=f"logit_bias.{key}")
     return tuple(out)
 
 
@@ -176,9 +178,6 @@ class GenerateRequest(OutputMaskFields):
             ids = gen.tokenize_chat([m.model_dump() for m in self.messages], "messages")
         else:
             ids = gen.tokenize_prompt(self.prompt or "", "prompt")
-        for key, value in (self.logit_bias or {}).items():
-            if not -100.0 <= value <= 100.0:
-                raise InvalidRequest("logit_bias values must lie in [-100, 100]", param=f"logit_bias.{key}")
         return make_job(
             ids,
             self.output_mask_spec(self.logit_bias),

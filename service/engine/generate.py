@@ -83,6 +83,7 @@ class TopLogprob:
     id: int
     text: str
     logprob: float
+    raw: bytes
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,7 @@ class DecodeBatch:
             if s.params.top_logprobs:
                 values, ids = logprobs[b].topk(s.params.top_logprobs)
                 top = tuple(  # masked-out alternatives (-inf) are not alternatives
-                    TopLogprob(i, self.vocab.texts[i], v)
+                    TopLogprob(i, self.vocab.texts[i], v, self.vocab.vocabulary.token_bytes[i])
                     for i, v in zip(ids.tolist(), values.tolist(), strict=True)
                     if v > float("-inf")
                 )

@@ -134,7 +134,7 @@ class GenerationScheduler:
 
     def tokenize_prompt(self, prompt: str, param: str) -> list[int]:
         ids = list(self.loaded.tokenizer(prompt)["input_ids"])
-        return self._check_prompt(ids, param)
+        return self.check_prompt(ids, param)
 
     def tokenize_chat(self, messages: Sequence[dict[str, str]], param: str) -> list[int]:
         tok = self.loaded.tokenizer
@@ -145,9 +145,9 @@ class GenerationScheduler:
         except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)
             raise InvalidRequest(f"the chat template rejected these messages: {exc}", param=param) from None
         ids = list(tok(str(text), add_special_tokens=False)["input_ids"])
-        return self._check_prompt(ids, param)
+        return self.check_prompt(ids, param)
 
-    def _check_prompt(self, ids: list[int], param: str) -> list[int]:
+    def check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:
             raise InvalidRequest("the prompt is empty (no tokens)", param=param)
         if len(ids) > self.loaded.max_length:
