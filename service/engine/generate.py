@@ -280,10 +280,10 @@ class DecodeBatch:
 
     def _choose(self, logits: Tensor, seqs: Sequence[RunningRequest]) -> Tensor:
         """Penalties, output masks, sampling; every row takes its token. (B, V) -> (B,) chosen token ids."""
+        raw = {b: logits[b].clone() for b, s in enumerate(seqs) if s.mask_steps is not None}  # what the model said
         for b, s in enumerate(seqs):
             if s.params.repetition_penalty != 1.0:
                 _penalize_repetition(logits[b], s.job.prompt_ids + s.generated, s.params.repetition_penalty)
-        raw = {b: logits[b].clone() for b, s in enumerate(seqs) if s.mask_steps is not None}
         states = [s.mask_state for s in seqs]
         dead = set(apply_output_masks(logits, states)) if any(st is not None for st in states) else set()
         logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)

@@ -133,11 +133,11 @@ class GenerationScheduler:
     # --- the route's side ---------------------------------------------------------------------------------------
 
     def tokenize_prompt(self, prompt: str, param: str) -> list[int]:
-        ids = list(self.loaded.tokenizer(prompt)["input_ids"])
+        ids = list(self.vocab.tokenizer(prompt)["input_ids"])
         return self.check_prompt(ids, param)
 
     def tokenize_chat(self, messages: Sequence[dict[str, str]], param: str) -> list[int]:
-        tok = self.loaded.tokenizer
+        tok = self.vocab.tokenizer
         if not getattr(tok, "chat_template", None):
             raise InvalidRequest("this model has no chat template: send a plain 'prompt' instead", param=param)
         try:

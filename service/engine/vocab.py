@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import xgrammar as xgr
@@ -20,7 +21,9 @@ class ModelVocab:
 
     @classmethod
     def build(cls, loaded: LoadedModel, grammar_cache_size: int) -> ModelVocab:
-        tok, size = loaded.tokenizer, loaded.vocab_size
+        # A copy of our own: the Rust tokenizer refuses concurrent use while another thread (fill-mask batches)
+        # switches its padding or truncation ("Already borrowed").
+        tok, size = copy.deepcopy(loaded.tokenizer), loaded.vocab_size
         eos = eos_token_ids(loaded)
         info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=size, stop_token_ids=sorted(eos))
         special = {i for i, t in tok.added_tokens_decoder.items() if t.special and i < size}
