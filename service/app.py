@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service.api import health
+from service.api import fill_mask, health
 from service.config import Settings, load_settings
 from service.engine.core import Engine
 from service.engine.loading import LoadedModel
@@ -37,4 +37,5 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.state.settings = settings
     add_exception_handlers(app)
     app.include_router(health.router)
+    app.include_router(fill_mask.router)
     return app

@@ -12,8 +12,9 @@ import threading
 from typing import Any
 
 from service.config import Settings
+from service.engine.fill_mask import FillMaskWorker
 from service.engine.loading import LoadedModel, load_model
-from service.errors import NotReady
+from service.errors import NotReady, UnsupportedForModel
 
 log = logging.getLogger("maskserve.engine")
 
@@ -27,6 +28,7 @@ class Engine:
         # One forward at a time on the device: fill-mask batches and decode steps take turns. Both would
         # fight for the same cores (or GPU stream) anyway; the lock keeps each forward's timing clean.
         self.compute_lock = threading.Lock()
+        self.fill_mask: FillMaskWorker | None = None
 
     async def start(self) -> None:
         try:
@@ -41,14 +43,30 @@ class Engine:
 
     async def _start_workers(self) -> None:
         """Start the per-task workers for what the loaded model can do."""
+        assert self.model is not None
+        if self.model.fill_mask_model is not None:
+            # built in a thread: it classifies the vocabulary and checks the head-only forward (~1 s)
+            self.fill_mask = await asyncio.to_thread(FillMaskWorker, self.model, self.settings, self.compute_lock)
+            await self.fill_mask.start()
 
     async def stop(self) -> None:
         self.ready = False
+        if self.fill_mask is not None:
+            await self.fill_mask.stop()
 
     def require(self) -> LoadedModel:
         if not self.ready or self.model is None:
             raise NotReady("the model is still loading; retry shortly (see GET /ready)")
         return self.model
+
+    def fill_mask_worker(self) -> FillMaskWorker:
+        self.require()
+        if self.fill_mask is None:
+            raise UnsupportedForModel(
+                "this model cannot fill masks: it is a decoder without an MNTP adapter; start the service with "
+                "MASKSERVE_ADAPTER set to an adapter trained by `maskserve finetune --objective mntp`"
+            )
+        return self.fill_mask
 
     def info(self) -> dict[str, Any]:
         m = self.require()
