@@ -89,3 +89,21 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+def build_tiny_mntp_adapter(model_dir: Path, path: Path, seed: int = 1) -> Path:
+    """A randomly initialised LoRA adapter for the tiny Llama, marked as MNTP (``maskserve.json``).
+
+    ``init_lora_weights=False`` makes B non-zero, so the merged fill-mask copy really differs from the base.
+    """
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    base = LlamaForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        init_lora_weights=False)  # fmt: skip
+    get_peft_model(base, config).save_pretrained(path)
+    (path / "maskserve.json").write_text(json.dumps({"objective": "mntp", "mask_token": "<mask>"}))
+    return path
