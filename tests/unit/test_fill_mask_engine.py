@@ -142,10 +142,10 @@ def test_encode_target(bert_codec: FillMaskCodec, mntp_codec: FillMaskCodec) -> 
         ("new york", "'t': target 'new york' is not a single word"),
         ("  ", "'t': target '  ' is not a single word"),
         ("[MASK]", "'t': target '[MASK]' cannot be written with the model's vocabulary"),
-        ("barked", "'t': target 'barked' is 5 sub-tokens; at most 4 (MASKSERVE_MAX_WORD_TOKENS)"),
+        ("barked", "'t': target 'barked' is 4 sub-tokens; at most 3 (MASKSERVE_MAX_WORD_TOKENS)"),
     ]:
         with pytest.raises(InvalidRequest) as err:
-            bert_codec.encode_target(word, "t", 4)
+            bert_codec.encode_target(word, "t", 3)
         assert err.value.message == message
 
 
@@ -202,12 +202,12 @@ def test_targets_are_scored_jointly_by_the_chain_rule(tiny_bert: LoadedModel, ti
     by_word = {c.token_str: c for c in result[0][0]}
     assert set(by_word) == {"barked", "dog"}
 
-    barked = targets[0].spaced  # b ##ar ##k ##e ##d
-    assert len(barked) == 5
+    barked = targets[0].spaced  # b ##ar ##k ##ed
+    assert codec.tokenizer.convert_ids_to_tokens(list(barked)) == ["b", "##ar", "##k", "##ed"]
     logp = 0.0
     ids = list(inp.ids)
-    for j, piece in enumerate(barked):  # fill left to right, the rest still masked (5 masks in all)
-        row = ids[:2] + list(barked[:j]) + [codec.mask_id] * (5 - j) + ids[3:]
+    for j, piece in enumerate(barked):  # fill left to right, the rest still masked (4 masks in all)
+        row = ids[:2] + list(barked[:j]) + [codec.mask_id] * (4 - j) + ids[3:]
         logp += float(reference_logp(tiny_bert, row, 2 + j)[piece])
     assert by_word["barked"].score == pytest.approx(math.exp(logp), rel=1e-5)
     assert by_word["barked"].pieces == barked
@@ -261,12 +261,21 @@ def test_whole_words_mntp(tiny_mntp: LoadedModel, mntp_settings: Settings, mntp_
 def test_multi_mask_sequences_keep_other_masks(tiny_bert: LoadedModel, bert_settings: Settings) -> None:
     codec = FillMaskCodec(tiny_bert, bert_settings)
     inp = codec.encode("The [MASK] sees [MASK] red ball.", "inputs")
-    (result,) = run_jobs(tiny_bert, bert_settings, [FillMaskJob([inp], top_k=1)])
-    first, second = result[0][0][0], result[0][1][0]
-    assert (first.token_str, first.sequence) == ("lar", "the lar sees [MASK] red ball.")
-    assert (second.token_str, second.sequence) == ("##ievab", "the [MASK] seesievab red ball.")  # "##": joins "sees"
-    assert first.score == pytest.approx(math.exp(float(reference_logp(tiny_bert, inp.ids, 2)[first.token])), rel=1e-5)
-    assert second.score == pytest.approx(math.exp(float(reference_logp(tiny_bert, inp.ids, 4)[second.token])), rel=1e-5)
+    (result,) = run_jobs(tiny_bert, bert_settings, [FillMaskJob([inp], top_k=3)])
+    # each mask on its own, the other written back as the client wrote it ("##" pieces join their word)
+    assert [(c.token_str, c.sequence) for c in result[0][0]] == [
+        ("##f", "thef sees [MASK] red ball."),
+        ("##u", "theu sees [MASK] red ball."),
+        ("likes", "the likes sees [MASK] red ball."),
+    ]
+    assert [(c.token_str, c.sequence) for c in result[0][1]] == [
+        ("##n", "the [MASK] seesn red ball."),
+        ("c", "the [MASK] sees c red ball."),
+        ("##u", "the [MASK] seesu red ball."),
+    ]
+    for slot, cands in zip(inp.slots, result[0], strict=True):
+        expected = reference_logp(tiny_bert, inp.ids, slot.index)
+        assert [c.score for c in cands] == pytest.approx([math.exp(float(expected[c.token])) for c in cands], rel=1e-5)
 
 
 # --- the forward and batch invariance ----------------------------------------------------------------------
