@@ -77,9 +77,10 @@ def special_ids(tokenizer: Any) -> set[int]:
 def word_pieces(tokenizer: Any, vocab_size: int) -> WordPieces:
     n = min(vocab_size, len(tokenizer))
     tokens: list[str] = tokenizer.convert_ids_to_tokens(list(range(n)))
-    texts: list[str] = tokenizer.batch_decode([[i] for i in range(n)])
-    prefix = str(getattr(tokenizer.backend_tokenizer.model, "continuing_subword_prefix", None) or "")
-    wordpiece = type(tokenizer.backend_tokenizer.model).__name__ == "WordPiece" and bool(prefix)
+    backend = tokenizer.backend_tokenizer
+    texts: list[str] = backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False)  # Rust: ~10x faster
+    prefix = str(getattr(backend.model, "continuing_subword_prefix", None) or "")
+    wordpiece = type(backend.model).__name__ == "WordPiece" and bool(prefix)
     specials = special_ids(tokenizer)
     real, spaced, bare, cont = (torch.zeros(vocab_size, dtype=torch.bool) for _ in range(4))
     for i, (tok, text) in enumerate(zip(tokens, texts, strict=True)):
