@@ -107,6 +107,12 @@ class FillMaskRequest(BaseModel):
                     "'parameters.targets' is empty; give at least one word, or leave it out",
                     param="parameters.targets",
                 )
+            if len(p.targets) > settings.max_top_k:
+                raise InvalidRequest(
+                    f"'parameters.targets' has {len(p.targets)} words; at most {settings.max_top_k} "
+                    "(MASKSERVE_MAX_TOP_K)",
+                    param="parameters.targets",
+                )
             encoded = [
                 codec.encode_target(t, f"parameters.targets[{i}]", settings.max_word_tokens)
                 for i, t in enumerate(p.targets)

@@ -584,7 +584,12 @@ class FillMaskWorker:
             metrics.RUNNING.labels(WORKER).set(len(self._active))
             if not self._active:
                 continue
-            await asyncio.to_thread(self._round, self._active)
+            try:
+                await asyncio.to_thread(self._round, self._active)
+            except Exception as exc:  # a bug in the round itself: fail its requests, keep serving others
+                log.exception("fill-mask round failed")
+                for p in self._active:
+                    p.error = p.error or exc
             for p in self._active:
                 if p.finished and not p.future.done():
                     if p.error is not None:

@@ -253,6 +253,11 @@ def test_parameters_null_and_options_are_accepted(bert: TestClient, expected_one
             error("'parameters.targets' is empty; give at least one word, or leave it out", "parameters.targets"),
         ),
         (
+            {"inputs": "[MASK]", "parameters": {"targets": ["dog"] * 101}},
+            400,
+            error("'parameters.targets' has 101 words; at most 100 (MASKSERVE_MAX_TOP_K)", "parameters.targets"),
+        ),
+        (
             {"inputs": "[MASK]", "parameters": {"targets": ["dog", "new york"]}},
             400,
             error("'parameters.targets[1]': target 'new york' is not a single word", "parameters.targets[1]"),
