@@ -79,7 +79,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_eval_fill_mask(args: argparse.Namespace) -> int:
     from service.training.eval import run_cli
 
-    return run_cli(_settings(args), cloze=args.cloze, mode=args.mode, limit=args.limit, json_out=args.json)
+    return run_cli(
+        _settings(args), cloze=args.cloze, mode=args.mode, limit=args.limit, json_out=args.json,
+        update_card=args.update_card,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--mode", choices=["both", "plain", "whole_word"], default="both")
     fill.add_argument("--limit", type=int, default=0, help="only the first N items")
     fill.add_argument("--json", help="write every prediction to this JSON file")
+    fill.add_argument("--update-card", action="store_true", help="record the numbers in the adapter's model card")
     _model_args(fill)
     fill.set_defaults(func=cmd_eval_fill_mask)
     return parser

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,10 +36,13 @@ from service.config import Settings
 from service.engine.loading import LoadedModel, load_model, read_adapter_meta
 from service.masks.attention import bidirectional_mask, padding_mask, position_ids, to_4d
 from service.training.objectives import decoder_parts
+from service.training.report import refresh_card
 
 CLOZE_MASK = "[MASK]"
 DEFAULT_CLOZE = Path(__file__).resolve().parent.parent / "data" / "cloze.tsv"
-WORD_CHARS = re.compile(r"[A-Za-z0-9'\-]+")
+# Word pieces are letters and digits: hyphen and apostrophe pieces would let "sea-muck" or "dog's"
+# variants crowd the top 5 with spellings of one guess.
+WORD_CHARS = re.compile(r"[A-Za-z0-9]+")
 
 
 class EvalMode(StrEnum):
@@ -83,12 +88,16 @@ class FillMaskScorer:
     prefix_id: int | None = None
     beam: int = 5
     max_word_tokens: int = 4
+    length_alpha: float = 0.5  # see rank_words
 
     def __post_init__(self) -> None:
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
         tokens = self.tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(self.tokenizer)))))
         special = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}))
-        wordpiece = any(t.startswith("##") for t in tokens[:2000] if t)
+        # WordPiece marks continuations ("##ing"); byte-level BPE / SentencePiece mark word starts ("Ġdog").
+        # Count both: a BPE vocabulary may hold a few "##..." tokens (markdown) too.
+        marks_start = sum(1 for t in tokens if t and t.startswith(("Ġ", "▁")))
+        wordpiece = sum(1 for t in tokens if t and t.startswith("##")) > marks_start
         self._start_space = torch.zeros(vocab, dtype=torch.bool)  # a word start after a space
         self._start_bare = torch.zeros(vocab, dtype=torch.bool)  # a word start with no space (sentence start)
         self._cont = torch.zeros(vocab, dtype=torch.bool)  # continues the word
@@ -159,7 +168,11 @@ class FillMaskScorer:
         return [str(self.tokenizer.decode([int(i)])).strip() for i in logp.topk(k).indices]
 
     def whole_word(self, text: str, k: int = 5) -> list[tuple[str, float]]:
-        """Best whole-word fills over 1..max_word_tokens sub-tokens, by mean log-probability per token.
+        """Best whole-word fills over 1..max_word_tokens sub-tokens, by length-fair score."""
+        return rank_words(self.word_candidates(text), self.length_alpha)[:k]
+
+    def word_candidates(self, text: str) -> list[tuple[str, float, int]]:
+        """(word, summed log-probability, sub-tokens) for the final beams of every length.
 
         One beam search per length n, run side by side: step j fills the j-th mask of every length
         n > j in a single forward.
@@ -192,19 +205,32 @@ class FillMaskScorer:
                     for f, v in zip(top.indices, top.values, strict=True)
                     if v > float("-inf")
                 ]
-        best: dict[str, float] = {}
-        for n in lengths:
-            for fill, score in beams[n]:
-                word = str(self.tokenizer.decode(fill)).strip()
-                mean = score / n  # length-fair: per-token log-probability
-                if word and mean > best.get(word.lower(), float("-inf")):
-                    best[word.lower()] = mean
-        return sorted(best.items(), key=lambda kv: -kv[1])[:k]
+        return [
+            (str(self.tokenizer.decode(fill)).strip(), score, n)
+            for n in lengths
+            for fill, score in beams[n]
+            if len(fill) == n
+        ]
 
 
-def evaluate(scorer: FillMaskScorer, items: Sequence[ClozeItem], modes: Sequence[EvalMode]) -> dict[str, object]:
+def rank_words(candidates: list[tuple[str, float, int]], alpha: float) -> list[tuple[str, float]]:
+    """Rank words by ``sum log p / n ** alpha`` (alpha 1 = mean per token, 0 = joint probability).
+
+    A word's later pieces are nearly certain once its first is chosen, so the mean (alpha 1) favours long
+    words and the sum (alpha 0) short ones; the default sits between (the length penalty of Wu et al.
+    2016 serves the same purpose in beam search). Each word keeps its best spelling's score.
+    """
+    best: dict[str, float] = {}
+    for word, total, n in candidates:
+        score = total / n**alpha
+        if word and score > best.get(word.lower(), float("-inf")):
+            best[word.lower()] = score
+    return sorted(best.items(), key=lambda kv: -kv[1])
+
+
+def evaluate(scorer: FillMaskScorer, items: Sequence[ClozeItem], modes: Sequence[EvalMode]) -> dict[str, Any]:
     """Top-1 / top-5 accuracy per mode, per category, and every prediction (for inspection)."""
-    result: dict[str, object] = {"n": len(items)}
+    result: dict[str, Any] = {"n": len(items)}
     for mode in modes:
         hits1 = hits5 = 0
         by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -233,7 +259,7 @@ def evaluate(scorer: FillMaskScorer, items: Sequence[ClozeItem], modes: Sequence
     return result
 
 
-def summary_table(result: dict[str, object]) -> str:
+def summary_table(result: dict[str, Any]) -> str:
     lines = [f"{'mode':<11} {'n':>4} {'top-1':>7} {'top-5':>7}"]
     for mode in EvalMode:
         r = result.get(mode.value)
@@ -256,7 +282,15 @@ def scorer_for(loaded: LoadedModel) -> FillMaskScorer:
     )
 
 
-def run_cli(settings: Settings, *, cloze: str | None, mode: str, limit: int, json_out: str | None) -> int:
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """The result without per-item predictions (what a model card keeps)."""
+    return {k: ({kk: vv for kk, vv in v.items() if kk != "items"} if isinstance(v, dict) else v)
+            for k, v in result.items()}  # fmt: skip
+
+
+def run_cli(
+    settings: Settings, *, cloze: str | None, mode: str, limit: int, json_out: str | None, update_card: bool = False
+) -> int:
     """``maskserve eval fill-mask``: load the model as served, score the cloze file, print the table."""
     items = read_cloze(Path(cloze) if cloze else DEFAULT_CLOZE)
     if limit:
@@ -268,6 +302,11 @@ def run_cli(settings: Settings, *, cloze: str | None, mode: str, limit: int, jso
     print(summary_table(result))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+    if update_card:
+        if loaded.adapter is None or not (Path(loaded.adapter) / "metrics.json").is_file():
+            raise ValueError("--update-card needs an adapter directory written by maskserve finetune")
+        command = " ".join(["maskserve", *(shlex.quote(a) for a in sys.argv[1:])])
+        refresh_card(Path(loaded.adapter), summarize(result), command)
     return 0
 
 

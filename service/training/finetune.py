@@ -200,6 +200,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
 
     history: dict[str, list[list[float]]] = {"train": [], "val": []}
     start_step, trained_seconds, tokens_seen = 0, 0.0, 0
+    command = _command()  # what reproduces the run: the first command, not a later --resume
     ckpt_path = out / CHECKPOINT
     if cfg.resume:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
@@ -209,6 +210,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         start_step, history = int(state["step"]), state["history"]
         trained_seconds, tokens_seen = float(state["seconds"]), int(state["tokens"])
         torch.set_rng_state(state["rng"])  # LoRA dropout draws from it
+        command = str(state.get("command", command))
     if env.main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, asdict(cfg))
@@ -265,6 +267,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                 "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "step": step + 1, "history": history,
                 "seconds": elapsed, "tokens": tokens_seen, "rng": torch.get_rng_state(),
+                "command": command,
             }, tmp)  # fmt: skip
             tmp.replace(ckpt_path)  # atomic: an interrupted save leaves the previous checkpoint
             plot_curve(history, out / "training_curve.png", f"{objective.value} on {model_dir.name}")
@@ -279,6 +282,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         state = {k: v.to(save_dtype) for k, v in get_peft_model_state_dict(model).items()}
         model.save_pretrained(str(out), state_dict=state)
         write_json(out / ADAPTER_META, meta)
+        # Name the base as maskserve does ('bundled' or the directory given), not this machine's cache path.
+        adapter_config = json.loads((out / "adapter_config.json").read_text())
+        write_json(out / "adapter_config.json", {**adapter_config, "base_model_name_or_path": cfg.model})
         cloze = None
         if cfg.cloze and objective is not Objective.SFT:
             cloze = _evaluate_cloze(cfg, model, tokenizer, obj, env)
@@ -303,7 +309,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             "tokens_per_s": tokens_seen / max(trained_seconds, 1e-9),
             "final_train_loss": sum(last) / max(1, len(last)),
             "final_val_loss": history["val"][-1][1] if history["val"] else float("nan"),
-            "command": _command(),
+            "command": command,
             "cloze": cloze,
             "history": history,
         }
@@ -325,7 +331,15 @@ def _autocast(cfg: FinetuneConfig, env: Dist) -> contextlib.AbstractContextManag
 def _evaluate_cloze(
     cfg: FinetuneConfig, model: nn.Module, tokenizer: Any, obj: MaskedObjective | SftObjective, env: Dist
 ) -> dict[str, Any]:
-    from service.training.eval import DEFAULT_CLOZE, EvalMode, FillMaskScorer, evaluate, read_cloze, summary_table
+    from service.training.eval import (
+        DEFAULT_CLOZE,
+        EvalMode,
+        FillMaskScorer,
+        evaluate,
+        read_cloze,
+        summarize,
+        summary_table,
+    )
 
     assert isinstance(obj, MaskedObjective)
     items = read_cloze(DEFAULT_CLOZE if cfg.cloze == "default" else Path(cfg.cloze))
@@ -335,5 +349,4 @@ def _evaluate_cloze(
     result = evaluate(scorer, items, [EvalMode.WHOLE_WORD, EvalMode.PLAIN])
     print(summary_table(result), flush=True)
     write_json(Path(cfg.out) / "cloze_eval.json", result)
-    return {k: ({kk: vv for kk, vv in v.items() if kk != "items"} if isinstance(v, dict) else v)
-            for k, v in result.items()}  # fmt: skip
+    return summarize(result)

@@ -100,7 +100,7 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
     if isinstance(cloze, dict):
         lines += [
             "",
-            f"## Fill-mask evaluation ({cloze['n']} cloze sentences, `{config['cloze']}`)",
+            f"## Fill-mask evaluation ({cloze['n']} cloze sentences)",
             "",
             "| mode | top-1 | top-5 |",
             "|---|---|---|",
@@ -109,10 +109,21 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
             r = cloze.get(mode)
             if isinstance(r, dict):
                 lines.append(f"| {mode} | {_pct(r['top1'])} | {_pct(r['top5'])} |")
+        whole = cloze.get("whole_word")
+        if isinstance(whole, dict) and isinstance(whole.get("categories"), dict):
+            lines += ["", "Whole-word, by category:", "", "| category | n | top-1 | top-5 |", "|---|---|---|---|"]
+            for cat, r in whole["categories"].items():
+                lines.append(f"| {cat} | {r['n']} | {_pct(r['top1'])} | {_pct(r['top5'])} |")
+        lines += ["", "Measured with:", "```", str(m.get("cloze_command") or m["command"]), "```"]
     lines += [
         "",
         "## Reproduce",
         "```",
+        *(
+            [f"python scripts/mntp_corpus.py --out {config['data']}   # builds the data (apt-get installs)"]
+            if m.get("sources")
+            else []
+        ),
         m["command"],
         "```",
         "",
@@ -124,3 +135,13 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
 
 def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def refresh_card(out: Path, cloze: dict[str, Any], command: str) -> None:
+    """Record a later evaluation in ``metrics.json`` and rewrite the card of a finished run."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    config = json.loads((out / "finetune_config.json").read_text())
+    metrics["cloze"] = cloze
+    metrics["cloze_command"] = command
+    write_json(out / "metrics.json", metrics)
+    (out / "README.md").write_text(model_card(config=config, meta=metrics))
