@@ -3,6 +3,8 @@
 ``build_tiny_bert(dir)`` saves a 2-layer BERT masked LM with a WordPiece tokenizer trained here;
 ``build_tiny_llama(dir)`` saves a 2-layer Llama causal LM with a byte-level BPE tokenizer and a ChatML
 chat template (like SmolLM2's). Weights are random under a fixed seed, so outputs are deterministic.
+An ``init_std`` above the default gives logits wide enough for a LoRA adapter to lower the loss quickly
+(the fine-tuning tests use it).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def wordpiece_vocab(specials: list[str]) -> dict[str, int]:
     return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
 
 
-def build_tiny_bert(path: Path, seed: int = 0) -> Path:
+def build_tiny_bert(path: Path, seed: int = 0, init_std: float = 0.02) -> Path:
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok = Tokenizer(models.WordPiece(wordpiece_vocab(specials), unk_token="[UNK]"))
     tok.add_special_tokens(specials)
@@ -68,7 +70,7 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=len(fast), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, pad_token_id=fast.pad_token_id,
+        max_position_embeddings=128, pad_token_id=fast.pad_token_id, initializer_range=init_std,
     )  # fmt: skip
     model = BertForMaskedLM(config).eval()
     path.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,7 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_tiny_llama(path: Path, seed: int = 0) -> Path:
+def build_tiny_llama(path: Path, seed: int = 0, init_std: float = 0.02) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -96,6 +98,7 @@ def build_tiny_llama(path: Path, seed: int = 0) -> Path:
         vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        initializer_range=init_std,
     )  # fmt: skip
     model = LlamaForCausalLM(config).eval()
     path.mkdir(parents=True, exist_ok=True)
