@@ -75,12 +75,18 @@ def special_ids(tokenizer: Any) -> set[int]:
 
 
 def word_pieces(tokenizer: Any, vocab_size: int) -> WordPieces:
+    """Classify the vocabulary once per model: WordPiece marks continuations with ``##``; byte-level BPE and
+    SentencePiece mark word starts with a space marker (``Ġ``, ``▁``). Ids past the tokenizer (a model whose
+    embeddings were padded) are never real."""
     n = min(vocab_size, len(tokenizer))
     tokens: list[str] = tokenizer.convert_ids_to_tokens(list(range(n)))
-    backend = tokenizer.backend_tokenizer
-    texts: list[str] = backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False)  # Rust: ~10x faster
-    prefix = str(getattr(backend.model, "continuing_subword_prefix", None) or "")
-    wordpiece = type(backend.model).__name__ == "WordPiece" and bool(prefix)
+    singles = [[i] for i in range(n)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast (Rust) tokenizer: ~10x faster decoding
+    texts: list[str] = (
+        backend.decode_batch(singles, skip_special_tokens=False) if backend else tokenizer.batch_decode(singles)
+    )
+    prefix = str(getattr(getattr(backend, "model", None), "continuing_subword_prefix", None) or "")
+    wordpiece = type(getattr(backend, "model", None)).__name__ == "WordPiece" and bool(prefix)
     specials = special_ids(tokenizer)
     real, spaced, bare, cont = (torch.zeros(vocab_size, dtype=torch.bool) for _ in range(4))
     for i, (tok, text) in enumerate(zip(tokens, texts, strict=True)):
