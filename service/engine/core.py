@@ -13,7 +13,8 @@ from typing import Any
 
 from service.config import Settings
 from service.engine.loading import LoadedModel, load_model
-from service.errors import NotReady
+from service.engine.scheduler import GenerationScheduler
+from service.errors import NotReady, UnsupportedForModel
 
 log = logging.getLogger("maskserve.engine")
 
@@ -27,6 +28,7 @@ class Engine:
         # One forward at a time on the device: fill-mask batches and decode steps take turns. Both would
         # fight for the same cores (or GPU stream) anyway; the lock keeps each forward's timing clean.
         self.compute_lock = threading.Lock()
+        self.generation: GenerationScheduler | None = None  # continuous-batching decode loop (decoders)
 
     async def start(self) -> None:
         try:
@@ -41,9 +43,20 @@ class Engine:
 
     async def _start_workers(self) -> None:
         """Start the per-task workers for what the loaded model can do."""
+        if self.model is not None and self.model.generation_model is not None:
+            self.generation = await asyncio.to_thread(GenerationScheduler, self.model, self.settings, self.compute_lock)
+            self.generation.start()
 
     async def stop(self) -> None:
         self.ready = False
+        if self.generation is not None:
+            await self.generation.stop()
+
+    def require_generation(self) -> GenerationScheduler:
+        self.require()
+        if self.generation is None:
+            raise UnsupportedForModel("this model cannot generate text (it is an encoder); use /v1/fill-mask")
+        return self.generation
 
     def require(self) -> LoadedModel:
         if not self.ready or self.model is None:

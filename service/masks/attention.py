@@ -275,3 +275,156 @@ def validate_constraints(n: int, constraints: AttentionConstraints, *, last_toke
         raise SpanError("attention.isolate", "needs at least two segments to isolate from each other")
     if constraints.emphasis and not constraints.emphasis_factor > 0:
         raise SpanError("attention.emphasis.factor", "must be > 0")
+
+# --- continuous batching: prefill and decode masks for a batch of requests ------------------------------------
+# A running batch keeps every row right-aligned: row b's cached keys are the last L_b columns of the batch's
+# S columns, and the columns before them are left padding that the row never attends. Requests join (left-pad
+# the narrower side), leave (drop their rows, then the leading columns no row attends any more) and grow by one
+# column per decode step. These functions are the only place that builds those masks; the engine moves the KV
+# cache in step with them.
+
+
+@dataclass(frozen=True)
+class RequestAttention:
+    """What one request brings to its batch's attention masks; all ``None`` is plain causal attention.
+
+    - ``structure`` (T, T) bool: which prompt keys each prompt query may attend (its prefill);
+    - ``decode_keys`` (T,) bool: which prompt keys every generated token may attend;
+    - ``key_bias`` (T,) float: an additive bias on the prompt's keys, for prompt and generated queries alike;
+    - ``positions`` (T,) long: the prompt's position ids (default ``0..T-1``).
+    """
+
+    length: int
+    structure: Tensor | None = None
+    decode_keys: Tensor | None = None
+    key_bias: Tensor | None = None
+    positions: Tensor | None = None
+
+    def next_position(self) -> int:
+        """Position of the first generated token: one past the largest prompt position."""
+        return self.length if self.positions is None else int(self.positions.max()) + 1
+
+
+def _left_pad_rows(values: Sequence[Tensor], width: int, fill: float | bool | int, like: Tensor) -> Tensor:
+    """Stack 1D rows right-aligned in ``width`` columns.  # -> (B, width)"""
+    out = torch.full((len(values), width), fill, dtype=like.dtype, device=like.device)  # (B, S)
+    for b, row in enumerate(values):
+        if len(row):
+            out[b, width - len(row) :] = row
+    return out
+
+
+def _as_mask(keys: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Bool mask as it is, or, with a bias, additive: the bias where attended, dtype's min where blocked."""
+    if bias is None:
+        return keys
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=keys.device)
+    return torch.where(keys, bias.to(dtype), blocked)
+
+
+def prefill_attention(
+    rows: Sequence[RequestAttention], *, dtype: torch.dtype, device: torch.device | None = None
+) -> tuple[Tensor, Tensor]:
+    """Masks for prefilling several prompts in one left-padded forward.
+
+    Returns ``(mask, position_ids)``: mask ``(B, 1, T, T)`` (bool, or additive ``dtype`` when a row has a key
+    bias) and position ids ``(B, T)`` (0 on padding), where ``T`` is the longest prompt.
+    """
+    if not rows:
+        raise ValueError("no rows to prefill")
+    width = max(r.length for r in rows)
+    key_mask = padding_mask([r.length for r in rows], width, side="left", device=device)  # (B, T)
+    structure = causal_mask(width, device=device).repeat(len(rows), 1, 1)  # (B, T, T)
+    positions = torch.zeros(len(rows), width, dtype=torch.long, device=device)  # (B, T)
+    for b, row in enumerate(rows):
+        start = width - row.length
+        if row.structure is not None:
+            if tuple(row.structure.shape) != (row.length, row.length):
+                raise ValueError(f"row {b}: structure must be ({row.length}, {row.length})")
+            structure[b, start:, start:] = row.structure
+        own = row.positions if row.positions is not None else torch.arange(row.length, device=device)
+        positions[b, start:] = own
+    mask = to_4d(key_mask, structure)  # (B, 1, T, T)
+    if all(r.key_bias is None for r in rows):
+        return mask, positions
+    zeros = torch.zeros(width, dtype=dtype, device=device)
+    bias = _left_pad_rows([r.key_bias if r.key_bias is not None else zeros[: r.length] for r in rows], width, 0.0,
+                          zeros)  # fmt: skip  # (B, T)
+    return _as_mask(mask, bias[:, None, None, :], dtype), positions  # (B, 1, T, T)
+
+
+@dataclass(frozen=True)
+class DecodeMask:
+    """Which cached keys each row of a running batch may attend, as the batch changes step by step.
+
+    ``keys`` (B, S) bool: row b may attend column s (left padding and excluded keys are False);
+    ``bias`` (B, S) float or None: additive bias per key (None when no row has one).
+    Every method returns a new DecodeMask; nothing is changed in place.
+    """
+
+    keys: Tensor
+    bias: Tensor | None = None
+
+    @classmethod
+    def for_prompts(
+        cls, rows: Sequence[RequestAttention], *, dtype: torch.dtype, device: torch.device | None = None
+    ) -> DecodeMask:
+        """After a prefill of ``rows`` (left-padded to the longest): what generated tokens may attend."""
+        width = max(r.length for r in rows)
+        like = torch.ones(0, dtype=torch.bool, device=device)
+        keys = _left_pad_rows(
+            [r.decode_keys if r.decode_keys is not None else like.new_ones(r.length) for r in rows], width, False, like
+        )  # (B, S)
+        if all(r.key_bias is None for r in rows):
+            return cls(keys)
+        zeros = torch.zeros(width, dtype=dtype, device=device)
+        bias = _left_pad_rows([r.key_bias if r.key_bias is not None else zeros[: r.length] for r in rows], width,
+                              0.0, zeros)  # fmt: skip  # (B, S)
+        return cls(keys, bias)
+
+    @property
+    def width(self) -> int:
+        return int(self.keys.shape[1])
+
+    def extend(self) -> DecodeMask:
+        """One more column: the token fed this step, which every row attends (its own new key).  # (B, S + 1)"""
+        col = self.keys.new_ones(self.keys.shape[0], 1)  # (B, 1)
+        bias = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(self.bias.shape[0], 1)], 1)
+        return DecodeMask(torch.cat([self.keys, col], dim=1), bias)  # (B, S + 1)
+
+    def select(self, index: Tensor) -> DecodeMask:
+        """Keep the rows in ``index`` (requests that leave are dropped).  # (B', S)"""
+        return DecodeMask(self.keys[index], None if self.bias is None else self.bias[index])
+
+    def join(self, other: DecodeMask) -> DecodeMask:
+        """Stack another batch below this one, left-padding the narrower side.  # (B + B', max(S, S'))"""
+        width = max(self.width, other.width)
+        keys = torch.cat([_pad_left(self.keys, width, False), _pad_left(other.keys, width, False)], dim=0)
+        if self.bias is None and other.bias is None:
+            return DecodeMask(keys)
+        dtype = (self.bias if self.bias is not None else other.bias).dtype  # type: ignore[union-attr]
+        biases = [m.bias if m.bias is not None else torch.zeros(m.keys.shape, dtype=dtype, device=m.keys.device)
+                  for m in (self, other)]  # fmt: skip
+        return DecodeMask(keys, torch.cat([_pad_left(b, width, 0.0) for b in biases], dim=0))
+
+    def unused_columns(self) -> int:
+        """How many leading columns no row attends (and never will: rows only ever gain columns on the right)."""
+        used = self.keys.any(dim=0)  # (S,)
+        return int(used.long().argmax()) if bool(used.any()) else self.width
+
+    def drop_leading(self, n: int) -> DecodeMask:
+        """Drop the first ``n`` columns.  # (B, S - n)"""
+        return DecodeMask(self.keys[:, n:], None if self.bias is None else self.bias[:, n:])
+
+    def to_4d(self, dtype: torch.dtype) -> Tensor:
+        """The mask for a one-token decode step.  # (B, 1, 1, S), bool or additive ``dtype``"""
+        keys = self.keys[:, None, None, :]  # (B, 1, 1, S)
+        return _as_mask(keys, None if self.bias is None else self.bias[:, None, None, :], dtype)
+
+
+def _pad_left(x: Tensor, width: int, fill: float | bool) -> Tensor:
+    """(B, S) -> (B, width), new columns on the left filled with ``fill``."""
+    if x.shape[1] == width:
+        return x
+    pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype, device=x.device)  # (B, width - S)
+    return torch.cat([pad, x], dim=1)  # (B, width)

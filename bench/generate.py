@@ -1,0 +1,382 @@
+"""Generation speed: maskserve over HTTP beside transformers' ``generate``, same model, prompts and dtype, one run.
+
+    .venv/bin/python bench/generate.py                      # float32, 64 new tokens, 3 rounds
+    .venv/bin/python bench/generate.py --dtype bfloat16
+    .venv/bin/python bench/generate.py --quick              # 16 tokens, 1 round: a smoke run
+    .venv/bin/python bench/generate.py --compile            # also torch.compile the model for one stream
+
+Measured, in rounds (medians reported; baseline and ours alternate within a round, so both see the same
+machine load):
+
+- aggregate tokens/s at 1, 8 and 32 concurrent requests to our server (``POST /v1/generate`` over loopback
+  HTTP, continuous batching), against sequential ``model.generate`` per request and transformers' static
+  batching (all 32 prompts in one ``generate`` call: the best case, no arrivals, no masks);
+- time per token with and without a JSON-schema constraint (1 and 8 streams), and what the masks themselves
+  cost (time inside the mask functions per token);
+- decode step time at 32 rows with our in-place KV cache against ``torch.cat`` growth (transformers' dynamic
+  cache);
+- the machine's bound: measured matmul FLOP/s and memory read bandwidth -> tokens/s for this model.
+
+Every request generates exactly ``--tokens`` tokens (``min_tokens`` / ``min_new_tokens``), greedy. All model
+work runs in worker threads, as the server's decode loop does: on busy shared cores torch's OpenMP team in the
+main thread can be several times slower (measured here), which would handicap the baselines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the live-server helper lives in tests/
+
+from service.app import create_app  # noqa: E402
+from service.config import load_settings  # noqa: E402
+from service.engine import generate as engine_generate  # noqa: E402
+from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams  # noqa: E402
+from service.engine.kv_cache import BatchLayer  # noqa: E402
+from service.engine.loading import LoadedModel, load_model  # noqa: E402
+from service.masks import output as output_masks  # noqa: E402
+from tests.live import live_server  # noqa: E402
+
+QUESTIONS = [
+    "Write a short story about a dragon who learns to bake bread.",
+    "Explain how a rainbow forms.",
+    "What are three tips for learning a new language?",
+    "Describe the city of Paris in spring.",
+    "Why is the sky blue?",
+    "Give me a recipe for a simple tomato soup.",
+    "What is the difference between weather and climate?",
+    "Write a poem about the sea at night.",
+    "How do bees make honey?",
+    "Summarise the plot of a detective story you invent.",
+    "What should I pack for a weekend hiking trip?",
+    "Explain photosynthesis to a ten-year-old.",
+    "Describe your ideal library.",
+    "What makes a good friend?",
+    "How does a bicycle stay upright?",
+    "Write a letter to a future astronaut.",
+    "List some healthy breakfast ideas.",
+    "Why do cats purr?",
+    "Explain what a computer program is.",
+    "Describe a thunderstorm from the point of view of a tree.",
+    "What are the planets of the solar system?",
+    "How can I improve my sleep?",
+    "Tell me about the history of the printing press.",
+    "Write a dialogue between a robot and a child.",
+    "What is the water cycle?",
+    "Describe a market in Marrakech.",
+    "How do airplanes fly?",
+    "Give advice to someone starting their first job.",
+    "What is a black hole?",
+    "Write a fable about a fox and a crow.",
+    "How are mountains formed?",
+    "Describe the taste of a ripe mango.",
+]
+LONG_STRING_SCHEMA = {  # forces the output to keep going: a JSON object with one long string
+    "type": "object",
+    "properties": {"story": {"type": "string", "minLength": 2000}},
+    "required": ["story"],
+}
+T = TypeVar("T")
+WORKER = ThreadPoolExecutor(1, thread_name_prefix="bench-model")
+
+
+def in_worker(fn: Callable[[], T]) -> T:
+    return WORKER.submit(fn).result()
+
+
+# --- the machine ---------------------------------------------------------------------------------------------------
+
+
+def machine_bound(loaded: LoadedModel) -> dict[str, float]:
+    def measure() -> dict[str, float]:
+        out: dict[str, float] = {}
+        for dtype in sorted({torch.float32, loaded.dtype}, key=str):
+            a = torch.randn(1024, 1024, dtype=dtype)
+            a @ a
+            n, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 1.0:
+                a @ a
+                n += 1
+            out[f"flops_{str(dtype).removeprefix('torch.')}"] = 2 * 1024**3 * n / (time.perf_counter() - started)
+        big = torch.ones(64 * 1024 * 1024, dtype=torch.float32)  # 256 MB, far beyond the caches
+        big.sum()
+        n, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 1.0:
+            big.sum()
+            n += 1
+        out["bandwidth"] = big.numel() * 4 * n / (time.perf_counter() - started)
+        return out
+
+    m = in_worker(measure)
+    model = loaded.generation_model
+    assert model is not None
+    matmul_params = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear))
+    bytes_per = torch.finfo(loaded.dtype).bits // 8
+    m["flop_per_token"] = 2 * matmul_params
+    m["weight_bytes"] = matmul_params * bytes_per
+    m["compute_bound"] = m[f"flops_{str(loaded.dtype).removeprefix('torch.')}"] / m["flop_per_token"]
+    m["memory_bound_1"] = m["bandwidth"] / m["weight_bytes"]
+    return m
+
+
+# --- baselines: transformers' generate ------------------------------------------------------------------------------
+
+
+def chat_ids(loaded: LoadedModel, question: str) -> list[int]:
+    tok = loaded.tokenizer
+    text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    return list(tok(str(text), add_special_tokens=False)["input_ids"])
+
+
+def hf_sequential(loaded: LoadedModel, questions: list[str], n: int) -> float:
+    model = loaded.generation_model
+    assert model is not None
+
+    def run() -> float:
+        started = time.perf_counter()
+        for q in questions:
+            ids = torch.tensor([chat_ids(loaded, q)])
+            with torch.inference_mode():
+                out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=2)
+            assert out.shape[1] - ids.shape[1] == n
+        return len(questions) * n / (time.perf_counter() - started)
+
+    return in_worker(run)
+
+
+def hf_static_batch(loaded: LoadedModel, questions: list[str], n: int) -> float:
+    model, tok = loaded.generation_model, loaded.tokenizer
+    assert model is not None
+
+    def run() -> float:
+        rows = [chat_ids(loaded, q) for q in questions]
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                pad_token_id=pad,
+            )  # fmt: skip
+        assert out.shape[1] - width == n
+        return len(questions) * n / (time.perf_counter() - started)
+
+    return in_worker(run)
+
+
+# --- ours, over HTTP ------------------------------------------------------------------------------------------------
+
+
+def ours(url: str, questions: list[str], n: int, concurrency: int, extra: dict[str, Any] | None = None) -> float:
+    """Aggregate tokens/s of ``concurrency`` clients working through ``questions``."""
+    counts: list[int] = []
+
+    def one(q: str) -> None:
+        body = {"messages": [{"role": "user", "content": q}], "max_new_tokens": n, "min_tokens": n, **(extra or {})}
+        r = httpx.post(url + "/v1/generate", json=body, timeout=600)
+        r.raise_for_status()
+        counts.append(r.json()["usage"]["completion_tokens"])
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(one, questions))
+    return sum(counts) / (time.perf_counter() - started)
+
+
+class MaskTimer:
+    """Time spent inside the output-mask functions (apply per step, advance per token) while it is installed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._apply = engine_generate.apply_output_masks
+        self._advance = output_masks.OutputMaskState.advance
+
+    def __enter__(self) -> MaskTimer:
+        timer, apply, advance = self, self._apply, self._advance
+
+        def timed_apply(*args: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return apply(*args)
+            finally:
+                timer.seconds += time.perf_counter() - started
+
+        def timed_advance(state: Any, *args: Any) -> None:
+            started = time.perf_counter()
+            try:
+                advance(state, *args)
+            finally:
+                timer.seconds += time.perf_counter() - started
+
+        engine_generate.apply_output_masks = timed_apply  # type: ignore[assignment]
+        output_masks.OutputMaskState.advance = timed_advance  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        engine_generate.apply_output_masks = self._apply
+        output_masks.OutputMaskState.advance = self._advance  # type: ignore[method-assign]
+
+
+# --- KV cache: in place against torch.cat -------------------------------------------------------------------------
+
+
+def cache_step_ms(loaded: LoadedModel, rows: int, steps: int, cat: bool) -> float:
+    """Median decode step time at ``rows`` rows, with our cache or with DynamicLayer-style concatenation."""
+    from service.engine.vocab import ModelVocab
+
+    model = loaded.generation_model
+    vocab = ModelVocab.build(loaded, 1)
+    batch = DecodeBatch(model, vocab, lock=threading.Lock(), pad_id=int(loaded.tokenizer.pad_token_id or 0))
+    original = BatchLayer.update
+
+    def cat_update(self: BatchLayer, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any) -> Any:
+        keys = k if not self.is_initialized else torch.cat([self.keys, k], dim=-2)
+        values = v if not self.is_initialized else torch.cat([self.values, v], dim=-2)
+        return self._set(keys, values, keys.shape[-2])
+
+    def run() -> float:
+        seqs = [
+            RunningRequest(
+                GenerationJob(chat_ids(loaded, q), SamplingParams(max_new_tokens=steps + 1)), None, batch.device
+            )  # fmt: skip
+            for q in (QUESTIONS * 2)[:rows]
+        ]
+        batch.add(seqs)
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            batch.step()
+            times.append(time.perf_counter() - started)
+        batch.clear()
+        return statistics.median(times) * 1e3
+
+    if cat:
+        BatchLayer.update = cat_update  # type: ignore[method-assign]
+    try:
+        return in_worker(run)
+    finally:
+        BatchLayer.update = original  # type: ignore[method-assign]
+
+
+# --- the run ----------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sequential", type=int, default=4, help="requests in the one-at-a-time runs")
+    parser.add_argument("--quick", action="store_true", help="16 tokens, 1 round")
+    parser.add_argument("--compile", action="store_true", help="also measure one stream with torch.compile")
+    parser.add_argument("--json", help="write the raw numbers here")
+    args = parser.parse_args()
+    if args.quick:
+        args.tokens, args.rounds = 16, 1
+    n = args.tokens
+    settings = load_settings(adapter="none", dtype=args.dtype, max_running_requests=32, log_level="warning")
+    loaded = load_model(settings)
+    print(f"model {loaded.name}, {args.dtype}, {n} new tokens a request, {args.rounds} round(s), "
+          f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
+
+    bound = machine_bound(loaded)
+    print(
+        f"machine: matmul {bound['flops_float32'] / 1e9:.0f} GFLOP/s fp32"
+        + (f", {bound['flops_bfloat16'] / 1e9:.0f} GFLOP/s bf16" if "flops_bfloat16" in bound else "")
+        + f"; memory read {bound['bandwidth'] / 1e9:.1f} GB/s. Model: {bound['flop_per_token'] / 1e6:.0f} MFLOP "
+        f"and {bound['weight_bytes'] / 1e6:.0f} MB of weights a token -> bound {bound['compute_bound']:.0f} tok/s "
+        f"(compute, large batches), {bound['memory_bound_1']:.0f} tok/s (memory, one stream)"
+    )
+
+    results: dict[str, list[float]] = {}
+
+    def record(name: str, value: float) -> None:
+        results.setdefault(name, []).append(value)
+
+    seq_questions = QUESTIONS[: args.sequential]
+    app = create_app(settings, loaded=loaded)
+    with live_server(app) as url:
+        ours(url, QUESTIONS[:2], 4, 2)  # warm up both paths
+        hf_sequential(loaded, QUESTIONS[:1], 4)
+        for r in range(args.rounds):
+            record("generate, sequential", hf_sequential(loaded, seq_questions, n))
+            record("ours, 1 stream", ours(url, seq_questions, n, 1))
+            record("generate, static batch of 32", hf_static_batch(loaded, QUESTIONS, n))
+            record("ours, 32 streams", ours(url, QUESTIONS, n, 32))
+            record("ours, 8 streams", ours(url, QUESTIONS, n, 8))
+            with MaskTimer() as timer:
+                record(
+                    "ours, 1 stream, JSON schema", ours(url, seq_questions, n, 1, {"json_schema": LONG_STRING_SCHEMA})
+                )
+            record("mask time, 1 stream (ms/token)", timer.seconds * 1e3 / (len(seq_questions) * n))
+            with MaskTimer() as timer:
+                record(
+                    "ours, 8 streams, JSON schema", ours(url, QUESTIONS[:8], n, 8, {"json_schema": LONG_STRING_SCHEMA})
+                )
+            record("mask time, 8 streams (ms/token)", timer.seconds * 1e3 / (8 * n))
+            record("ours, 8 streams, plain (same 8)", ours(url, QUESTIONS[:8], n, 8))
+            print(f"  round {r + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+        if args.compile:
+            gen = app.state.engine.generation
+            model = gen.batch.model
+            gen.batch.model = torch.compile(model, dynamic=True)
+            started = time.perf_counter()
+            ours(url, QUESTIONS[:1], 8, 1)  # compiles
+            print(f"  torch.compile warm-up took {time.perf_counter() - started:.0f} s")
+            for _ in range(args.rounds):
+                record("ours, 1 stream, torch.compile", ours(url, seq_questions, n, 1))
+            gen.batch.model = model
+    for _ in range(args.rounds):
+        record("decode step, 32 rows, in-place cache (ms)", cache_step_ms(loaded, 32, 16, cat=False))
+        record("decode step, 32 rows, torch.cat cache (ms)", cache_step_ms(loaded, 32, 16, cat=True))
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print()
+    print(f"| {'setup':<44} | {'median':>9} | {'rounds':<24} | ratio |")
+    print(f"|{'-' * 46}|{'-' * 11}:|{'-' * 26}|-------|")
+    ratios = {
+        "ours, 1 stream": "generate, sequential",
+        "ours, 1 stream, torch.compile": "generate, sequential",
+        "ours, 8 streams": "generate, static batch of 32",
+        "ours, 32 streams": "generate, static batch of 32",
+        "ours, 1 stream, JSON schema": "ours, 1 stream",
+        "ours, 8 streams, JSON schema": "ours, 8 streams, plain (same 8)",
+        "decode step, 32 rows, torch.cat cache (ms)": "decode step, 32 rows, in-place cache (ms)",
+    }
+    for name, value in med.items():
+        unit = "" if "(m" in name else " tok/s"
+        base = ratios.get(name)
+        ratio = f"{value / med[base]:.2f}x" if base in med else ""
+        rounds = ", ".join(f"{v:.1f}" for v in results[name])
+        print(f"| {name + unit:<44} | {value:>9.1f} | {rounds:<24} | {ratio:>5} |")
+    per_token = {k: 1e3 / med[k] for k in ("ours, 1 stream", "ours, 1 stream, JSON schema")}
+    overhead = per_token["ours, 1 stream, JSON schema"] / per_token["ours, 1 stream"] - 1
+    print(
+        f"\nper token, one stream: {per_token['ours, 1 stream']:.1f} ms plain, "
+        f"{per_token['ours, 1 stream, JSON schema']:.1f} ms with a JSON schema ({overhead:+.1%}); the masks "
+        f"themselves {med['mask time, 1 stream (ms/token)']:.2f} ms a token "
+        f"({med['mask time, 1 stream (ms/token)'] / per_token['ours, 1 stream']:.1%} of a plain token)"
+    )
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"bound": bound, "results": results, "medians": med}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""``POST /v1/generate``: text generation with output masks, whole or streamed as server-sent events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from service.api.generate_schemas import GenerateRequest, GenerateResponse, GenerateStreamEvent
+from service.api.health import EngineDep
+from service.api.sse import EventStream, result_or_cancel
+from service.engine.generate import GenerationResult
+from service.engine.scheduler import GenerationHandle
+from service.errors import ErrorResponse
+
+router = APIRouter(tags=["generation"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "a constraint that cannot work (names the param)"},
+    422: {"model": ErrorResponse, "description": "a field of the wrong type or range"},
+    429: {"model": ErrorResponse, "description": "queue full; see Retry-After"},
+    503: {"model": ErrorResponse, "description": "model still loading"},
+    504: {"model": ErrorResponse, "description": "not finished within MASKSERVE_REQUEST_TIMEOUT_S"},
+}
+
+
+@router.post(
+    "/v1/generate",
+    response_model=GenerateResponse,
+    summary="Generate text, with output masks",
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE if stream"}},
+)
+async def generate(body: GenerateRequest, engine: EngineDep, request: Request) -> Response | GenerateResponse:
+    gen = engine.require_generation()
+    handle = await gen.submit(body.to_job(gen, engine.settings))
+    model = engine.info()["id"]
+    if body.stream:
+        return EventStream(_stream(handle, body.top_logprobs > 0), handle)
+    return GenerateResponse.of(await result_or_cancel(handle, request), model, body.top_logprobs > 0)
+
+
+async def _stream(handle: GenerationHandle, with_top: bool) -> AsyncIterator[dict[str, Any]]:
+    async for event in handle.events():
+        if isinstance(event, GenerationResult):
+            yield GenerateStreamEvent.of_result(event).model_dump()
+        else:
+            yield GenerateStreamEvent.of_token(handle.request_id, event, with_top).model_dump()

@@ -1,0 +1,80 @@
+"""Server-sent events for generation, and cancelling work whose client went away.
+
+Starlette's ``StreamingResponse`` notices a closed connection only on its next write under ASGI 2.4 (uvicorn),
+so :class:`EventStream` listens for ``http.disconnect`` itself and cancels the generation at once: the slot
+frees at the next decode step. :func:`result_or_cancel` does the same for a request waiting on a full answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from service.engine.generate import GenerationResult
+from service.engine.scheduler import GenerationHandle
+from service.errors import MaskserveError, error_body
+
+
+def sse(data: Any) -> str:
+    """One event: a ``data:`` line holding JSON (or the literal ``[DONE]``), then a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """``text/event-stream`` that cancels the generation as soon as the client disconnects."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, events: AsyncIterator[Any], handle: GenerationHandle) -> None:
+        self.handle = handle
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of tokens
+        super().__init__(self._frames(events), headers=headers)
+
+    async def _frames(self, events: AsyncIterator[Any]) -> AsyncIterator[str]:
+        try:
+            async for data in events:
+                yield sse(data)
+        except MaskserveError as exc:  # e.g. a timeout mid-stream: the error shape as the last event
+            yield sse(error_body(exc.message, exc.error_type, exc.param, exc.code))
+        finally:
+            self.handle.cancel()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def watch() -> None:
+                await self.listen_for_disconnect(receive)
+                self.handle.cancel()
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            try:
+                await self.stream_response(send)
+            except OSError:  # the client is gone
+                self.handle.cancel()
+            group.cancel_scope.cancel()
+
+
+async def result_or_cancel(handle: GenerationHandle, request: Request) -> GenerationResult:
+    """Wait for the whole answer; cancel the generation if the client disconnects meanwhile."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        handle.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await handle.result()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher

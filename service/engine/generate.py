@@ -1,0 +1,359 @@
+"""The decode loop: prefill, then one token at a time with a KV cache, for a batch whose rows come and go.
+
+``model.generate()`` takes neither per-request 4D attention masks nor rows that join a running batch, so the
+loop is ours. :class:`DecodeBatch` holds the running requests (:class:`Sequence`), their KV cache
+(:class:`BatchKVCache`) and their attention mask (:class:`DecodeMask`), kept in step:
+
+- ``add(seqs)``: prefill new requests together (left-padded), choose their first tokens, join them in;
+- ``step()``: feed every row's last token, choose the next ones, drop rows that finished;
+- ``remove(seqs)``: drop rows that were cancelled or timed out.
+
+Each row carries its own sampling parameters, seed (a ``torch.Generator`` of its own, so a seeded request
+samples the same tokens whatever else runs beside it) and output masks. Greedy output is the same alone or in
+a batch: rows never mix, padding is masked, and position ids are explicit per row.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from uuid import uuid4
+
+import torch
+from torch import Tensor
+
+from service.engine.kv_cache import BatchKVCache
+from service.engine.text import TextTracker
+from service.engine.vocab import ModelVocab
+from service.masks.attention import DecodeMask, RequestAttention, prefill_attention
+from service.masks.output import (
+    CompiledOutputMask,
+    OutputMaskSpec,
+    OutputMaskState,
+    apply_output_masks,
+    mask_effect,
+)
+
+MAX_TOP_LOGPROBS = 20
+
+
+class FinishReason(StrEnum):
+    LENGTH = "length"  # max_new_tokens reached
+    EOS = "eos_token"  # the model ended (an end-of-sequence token)
+    STOP = "stop_sequence"  # a stop sequence appeared (it is not part of the text)
+    CONSTRAINT = "constraint"  # the output masks together left no token (e.g. a regex that needs a bad word)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    repetition_penalty: float = 1.0  # CTRL's penalty (Keskar et al. 2019), over prompt and output, as transformers
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int = 0  # alternatives reported per token
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationJob:
+    """One request, as the engine sees it: token ids and what to do with them."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_mask: OutputMaskSpec = field(default_factory=OutputMaskSpec)
+    attention: RequestAttention | None = None  # None = plain causal (per-request masks plug in here)
+    stream: bool = False
+    record_masks: bool = False  # keep what the output mask did at every step (for inspection)
+    request_id: str = field(default_factory=lambda: f"gen-{uuid4().hex}")
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    id: int
+    text: str
+    logprob: float
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    text: str
+    logprob: float  # under the distribution after penalties, logit_bias and output masks, before temperature
+    special: bool
+    raw: bytes  # what the token adds to the output text
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class MaskStep:
+    """What the output mask did at one decode step (recorded only when a job asks)."""
+
+    step: int
+    token_id: int
+    allowed: int
+    removed_mass: float
+    removed_top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    index: int
+    token: TokenInfo
+    text: str  # new text that can be shown now (text that may start a stop sequence is held back)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request_id: str
+    text: str
+    finish_reason: FinishReason
+    tokens: tuple[TokenInfo, ...]
+    prompt_tokens: int
+    seed: int
+    rest: str  # text not yet sent in token events (streaming)
+    mask_kinds: tuple[str, ...] = ()
+    mask_steps: tuple[MaskStep, ...] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+class RunningRequest:
+    """A request while it runs: its tokens, masks, text and random generator."""
+
+    def __init__(self, job: GenerationJob, mask: CompiledOutputMask | None, device: torch.device) -> None:
+        self.job = job
+        self.params = job.params
+        self.attention = job.attention or RequestAttention(len(job.prompt_ids))
+        self.mask_state: OutputMaskState | None = mask.new_state() if mask is not None else None
+        self.seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
+        self.generator: torch.Generator | None = None
+        if not job.params.greedy:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(self.seed)
+        self.min_tokens = job.output_mask.min_tokens
+        self.text = TextTracker(job.params.stop, self.min_tokens)
+        self.generated: list[int] = []
+        self.tokens: list[TokenInfo] = []
+        self.mask_steps: list[MaskStep] | None = [] if job.record_masks else None
+        self.finish_reason: FinishReason | None = None
+        self.cancelled = False
+        self.deadline = float("inf")
+        self.submitted = time.monotonic()
+        self.emit: Callable[[Any], None] = lambda event: None  # set by the scheduler
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self) -> GenerationResult:
+        assert self.finish_reason is not None
+        return GenerationResult(
+            request_id=self.job.request_id,
+            text=self.text.text,
+            finish_reason=self.finish_reason,
+            tokens=tuple(self.tokens),
+            prompt_tokens=len(self.job.prompt_ids),
+            seed=self.seed,
+            rest=self.text.take_rest(),
+            mask_kinds=self.mask_state.mask.kinds if self.mask_state else (),
+            mask_steps=tuple(self.mask_steps) if self.mask_steps is not None else None,
+        )
+
+
+class DecodeBatch:
+    """The running batch. Runs on one thread; holds ``lock`` around every forward."""
+
+    def __init__(self, model: Any, vocab: ModelVocab, *, lock: threading.Lock, pad_id: int) -> None:
+        self.model = model
+        self.vocab = vocab
+        self.lock = lock
+        self.pad_id = pad_id
+        self.device: torch.device = next(model.parameters()).device
+        self.dtype: torch.dtype = next(model.parameters()).dtype
+        self.num_layers = int(model.config.num_hidden_layers)
+        self.eos_ids = vocab.vocabulary.eos_ids
+        self.rows: list[RunningRequest] = []
+        self.clear()
+
+    def clear(self) -> None:
+        """Drop every row (and the cache)."""
+        self.rows = []
+        self.cache: BatchKVCache | None = None
+        self.mask: DecodeMask | None = None
+        self.positions = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) position of the next fed token
+        self.next_tokens = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) the token fed next step
+
+    # --- the three operations ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def add(self, seqs: Sequence[RunningRequest]) -> list[RunningRequest]:
+        """Prefill ``seqs`` in one forward and join the ones still running; returns those already finished."""
+        attn = [s.attention for s in seqs]
+        mask4, positions = prefill_attention(attn, dtype=self.dtype, device=self.device)  # (B,1,T,T), (B,T)
+        width = positions.shape[1]
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)  # (B, T)
+        for b, s in enumerate(seqs):
+            ids[b, width - len(s.job.prompt_ids) :] = torch.tensor(s.job.prompt_ids, device=self.device)
+        cache = BatchKVCache(self.num_layers)
+        logits = self._forward(ids, mask4, positions, cache)
+        chosen = self._choose(logits, seqs)
+        keep = [b for b, s in enumerate(seqs) if not s.finished]
+        done = [s for s in seqs if s.finished]
+        if not keep:
+            return done
+        new_mask = DecodeMask.for_prompts(attn, dtype=self.dtype, device=self.device)
+        index = torch.tensor(keep, device=self.device)
+        if len(keep) < len(seqs):
+            cache.select(index)
+            new_mask = new_mask.select(index)
+        next_pos = torch.tensor([attn[b].next_position() for b in keep], device=self.device)
+        if self.cache is None or self.mask is None:
+            self.cache, self.mask = cache, new_mask
+        else:
+            self.cache.join(cache)
+            self.mask = self.mask.join(new_mask)
+        self.rows += [seqs[b] for b in keep]
+        self.positions = torch.cat([self.positions, next_pos])
+        self.next_tokens = torch.cat([self.next_tokens, chosen[index]])
+        return done
+
+    @torch.inference_mode()
+    def step(self) -> list[RunningRequest]:
+        """One decode step for every row; returns the rows that finished (already dropped)."""
+        assert self.mask is not None
+        assert self.cache is not None
+        mask = self.mask.extend()
+        logits = self._forward(self.next_tokens[:, None], mask.to_4d(self.dtype), self.positions[:, None], self.cache)
+        self.mask = mask
+        self.next_tokens = self._choose(logits, self.rows)
+        self.positions = self.positions + 1
+        done = [s for s in self.rows if s.finished]
+        if done:
+            self.remove(done)
+        return done
+
+    def remove(self, seqs: Sequence[RunningRequest]) -> None:
+        """Drop rows (finished, cancelled or timed out), then the leading columns no remaining row attends."""
+        gone = {id(s) for s in seqs}
+        keep = [b for b, s in enumerate(self.rows) if id(s) not in gone]
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.clear()
+            return
+        assert self.mask is not None
+        assert self.cache is not None
+        index = torch.tensor(keep, device=self.device)
+        self.rows = [self.rows[b] for b in keep]
+        self.cache.select(index)
+        self.mask = self.mask.select(index)
+        self.positions, self.next_tokens = self.positions[index], self.next_tokens[index]
+        unused = self.mask.unused_columns()
+        if unused:
+            self.cache.drop_leading(unused)
+            self.mask = self.mask.drop_leading(unused)
+
+    # --- internals --------------------------------------------------------------------------------------------
+
+    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: BatchKVCache) -> Tensor:
+        """Last-position logits.  ids (B, T), mask (B, 1, T, S), positions (B, T) -> (B, V) float32"""
+        with self.lock:
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+        return out.logits[:, -1].float()
+
+    def _choose(self, logits: Tensor, seqs: Sequence[RunningRequest]) -> Tensor:
+        """Penalties, output masks, sampling; every row takes its token. (B, V) -> (B,) chosen token ids."""
+        raw = {b: logits[b].clone() for b, s in enumerate(seqs) if s.mask_steps is not None}  # what the model said
+        for b, s in enumerate(seqs):
+            if s.params.repetition_penalty != 1.0:
+                _penalize_repetition(logits[b], s.job.prompt_ids + s.generated, s.params.repetition_penalty)
+        states = [s.mask_state for s in seqs]
+        dead = set(apply_output_masks(logits, states)) if any(st is not None for st in states) else set()
+        logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
+        chosen = logits.argmax(dim=-1)  # (B,) greedy rows are done here
+        for b, s in enumerate(seqs):
+            if not s.params.greedy and b not in dead:
+                chosen[b] = _sample(logits[b], s.params, s.generator)
+        chosen_lp = logprobs.gather(1, chosen[:, None])[:, 0].tolist()
+        for b, (s, tid) in enumerate(zip(seqs, chosen.tolist(), strict=True)):
+            if b in dead:
+                s.finish_reason = FinishReason.CONSTRAINT
+                s.text.finish()
+                continue
+            top: tuple[TopLogprob, ...] = ()
+            if s.params.top_logprobs:
+                values, ids = logprobs[b].topk(s.params.top_logprobs)
+                top = tuple(  # masked-out alternatives (-inf) are not alternatives
+                    TopLogprob(i, self.vocab.texts[i], v, self.vocab.vocabulary.token_bytes[i])
+                    for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+                    if v > float("-inf")
+                )
+            if b in raw:
+                effect = mask_effect(raw[b], logits[b])
+                assert s.mask_steps is not None
+                s.mask_steps.append(
+                    MaskStep(len(s.generated), tid, effect.allowed, effect.removed_mass, effect.removed_top)
+                )
+            self._accept(s, tid, chosen_lp[b], top)
+        return chosen
+
+    def _accept(self, s: RunningRequest, tid: int, logprob: float, top: tuple[TopLogprob, ...]) -> None:
+        raw = self.vocab.vocabulary.token_bytes[tid]
+        special = tid in self.vocab.vocabulary.special_ids
+        info = TokenInfo(tid, self.vocab.texts[tid], logprob, special, raw, top)
+        s.generated.append(tid)
+        s.tokens.append(info)
+        if s.mask_state is not None:
+            s.mask_state.advance(tid, raw)
+        if tid in self.eos_ids:
+            s.finish_reason = FinishReason.EOS
+        else:
+            s.text.add(raw, len(s.generated))
+            if s.text.stopped:
+                s.finish_reason = FinishReason.STOP
+            elif len(s.generated) >= s.params.max_new_tokens:
+                s.finish_reason = FinishReason.LENGTH
+        if s.finished:
+            s.text.finish()
+        if s.job.stream:
+            s.emit(TokenEvent(len(s.generated) - 1, info, s.text.take_safe()))
+
+
+def _penalize_repetition(row: Tensor, seen: list[int], penalty: float) -> None:
+    """CTRL / transformers: divide positive logits of seen tokens by the penalty, multiply negative ones. (V,)"""
+    ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=row.device)
+    scores = row[ids]
+    row[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
+def _sample(row: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:
+    """Temperature, top-k, top-p (nucleus, Holtzman et al. 2020), then one draw from the row's own generator."""
+    scores = row / params.temperature  # (V,)
+    if params.top_k and params.top_k < scores.numel():
+        kth = scores.topk(params.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_scores, order = scores.sort(descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the most probable one always stays).
+        drop = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        scores = scores.index_fill(0, order[drop], float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]

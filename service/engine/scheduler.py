@@ -1,0 +1,294 @@
+"""Continuous batching: a dedicated thread runs the decode loop; requests join and leave between steps.
+
+Routes call :meth:`GenerationScheduler.submit` (validates and compiles the request's masks off the event loop,
+then queues it, or refuses with 429 when ``max_running_requests + max_queued_requests`` are taken) and read
+events from the returned :class:`GenerationHandle`: token events when streaming, then the result. Between two
+steps the thread drops cancelled and timed-out requests, admits waiting ones up to ``max_running_requests``
+(prefilling them together, within a token budget) and runs one decode step for the whole batch, holding
+``engine.compute_lock`` around each forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import torch
+
+from service.config import Settings
+from service.engine.generate import (
+    DecodeBatch,
+    GenerationJob,
+    GenerationResult,
+    RunningRequest,
+    TokenEvent,
+)
+from service.engine.loading import LoadedModel
+from service.engine.vocab import ModelVocab
+from service.errors import InvalidRequest, MaskserveError, NotReady, Overloaded, RequestTimeout
+from service.masks.output import OutputMaskError, compile_output_mask
+from service.metrics import BATCH_SIZE, GENERATED_TOKENS, MASKS_APPLIED, PROMPT_TOKENS, QUEUE_DEPTH, REJECTED, RUNNING
+
+log = logging.getLogger("maskserve.generate")
+
+WORKER = "generate"
+# Most prompt tokens (padding included) prefilled in one forward: a burst of long prompts joins over several
+# steps instead of stalling the running batch for one huge prefill.
+PREFILL_TOKEN_BUDGET = 4096
+
+
+class ClientGone(MaskserveError):
+    """499 (nginx's "client closed request"): the client went away; nobody reads this answer."""
+
+    status_code = 499
+    error_type = "client_closed"
+
+
+class GenerationHandle:
+    """The route's side of a submitted request: events arrive on the event loop, ``cancel()`` stops it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seq: RunningRequest, scheduler: GenerationScheduler) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[TokenEvent | GenerationResult | MaskserveError] = asyncio.Queue()
+        self._seq = seq
+        self._scheduler = scheduler
+        self.request_id = seq.job.request_id
+        self._done = False
+
+    def _post(self, event: TokenEvent | GenerationResult | MaskserveError) -> None:
+        """Called from the decode thread."""
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the slot frees at the next step."""
+        if self._seq.cancelled or self._done:
+            return
+        self._seq.cancelled = True
+        self._queue.put_nowait(ClientGone("the client closed the connection"))  # wakes anyone still waiting
+        self._scheduler.wake()
+
+    async def events(self) -> AsyncIterator[TokenEvent | GenerationResult]:
+        """Token events (streaming jobs only), then the result. Raises the error the request ended with."""
+        while True:
+            event = await self._queue.get()
+            if isinstance(event, MaskserveError):
+                self._done = True
+                raise event
+            if isinstance(event, GenerationResult):
+                self._done = True
+            yield event
+            if self._done:
+                return
+
+    async def result(self) -> GenerationResult:
+        async for event in self.events():
+            if isinstance(event, GenerationResult):
+                return event
+        raise RuntimeError("generation ended without a result")  # pragma: no cover
+
+
+class GenerationScheduler:
+    def __init__(self, loaded: LoadedModel, settings: Settings, lock: threading.Lock) -> None:
+        if loaded.generation_model is None:
+            raise ValueError("the loaded model cannot generate")
+        self.loaded = loaded
+        self.settings = settings
+        self.vocab = ModelVocab.build(loaded, settings.grammar_cache_size)
+        tok = loaded.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.vocab.vocabulary.eos_ids))
+        self.batch = DecodeBatch(loaded.generation_model, self.vocab, lock=lock, pad_id=int(pad))
+        self.max_positions = int(getattr(loaded.generation_model.config, "max_position_embeddings", 0) or 1 << 30)
+        self._waiting: deque[RunningRequest] = deque()
+        self._cv = threading.Condition()
+        self._active = 0  # submitted and not finished: waiting + running
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._mean_request_s = 1.0  # moving average, for Retry-After
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="maskserve-decode", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # --- the route's side ---------------------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str, param: str) -> list[int]:
+        ids = list(self.vocab.tokenizer(prompt)["input_ids"])
+        return self.check_prompt(ids, param)
+
+    def tokenize_chat(self, messages: Sequence[dict[str, str]], param: str) -> list[int]:
+        tok = self.vocab.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise InvalidRequest("this model has no chat template: send a plain 'prompt' instead", param=param)
+        try:
+            text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)
+            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param=param) from None
+        ids = list(tok(str(text), add_special_tokens=False)["input_ids"])
+        return self.check_prompt(ids, param)
+
+    def check_prompt(self, ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise InvalidRequest("the prompt is empty (no tokens)", param=param)
+        if len(ids) > self.loaded.max_length:
+            raise InvalidRequest(
+                f"the prompt has {len(ids)} tokens; at most {self.loaded.max_length} are accepted", param=param
+            )
+        return ids
+
+    async def submit(self, job: GenerationJob, *, max_new_tokens_param: str = "max_new_tokens") -> GenerationHandle:
+        """Validate and compile the job's masks, then queue it. Raises InvalidRequest or Overloaded."""
+        total = len(job.prompt_ids) + job.params.max_new_tokens
+        if total > self.max_positions:
+            raise InvalidRequest(
+                f"prompt ({len(job.prompt_ids)} tokens) + {max_new_tokens_param} ({job.params.max_new_tokens}) "
+                f"exceeds the model's {self.max_positions} positions",
+                param=max_new_tokens_param,
+            )
+        self._refuse_if_full()  # before compiling: a full server should answer fast
+        try:
+            mask = await asyncio.to_thread(
+                compile_output_mask,
+                job.output_mask,
+                self.vocab.vocabulary,
+                encode=self.vocab.encode,
+                grammars=self.vocab.grammars,
+            )
+        except OutputMaskError as exc:
+            raise InvalidRequest(str(exc), param=exc.param) from None
+        seq = RunningRequest(job, mask, self.batch.device)
+        seq.deadline = seq.submitted + self.settings.request_timeout_s
+        handle = GenerationHandle(asyncio.get_running_loop(), seq, self)
+        seq.emit = handle._post
+        with self._cv:
+            self._refuse_if_full()
+            self._active += 1
+            self._waiting.append(seq)
+            QUEUE_DEPTH.labels(WORKER).set(len(self._waiting))
+            self._cv.notify_all()
+        for kind in mask.kinds if mask else ():
+            MASKS_APPLIED.labels(kind).inc()
+        return handle
+
+    def _refuse_if_full(self) -> None:
+        capacity = self.settings.max_running_requests + self.settings.max_queued_requests
+        if self._stopping:
+            raise NotReady("the server is shutting down")
+        if self._active >= capacity:
+            REJECTED.labels("queue_full").inc()
+            # The wait for a slot is about one request's duration per batch of queued requests ahead.
+            ahead = max(1, self._active - self.settings.max_running_requests + 1)
+            wait = self._mean_request_s * ahead / self.settings.max_running_requests
+            raise Overloaded(
+                f"{self._active} generation requests are running or queued (the limit); retry later",
+                retry_after=min(60, max(1, math.ceil(wait))),
+            )
+
+    # --- the decode thread --------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._waiting and not self.batch.rows:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    admit = self._admit()
+                self._drop_cancelled()
+                try:
+                    if admit:
+                        PROMPT_TOKENS.labels(WORKER).inc(sum(len(s.job.prompt_ids) for s in admit))
+                        self._finish(self.batch.add(admit))
+                    if self.batch.rows:
+                        BATCH_SIZE.labels(WORKER).observe(len(self.batch.rows))
+                        self._finish(self.batch.step())
+                except Exception:  # a bug: fail what was running (its cache may be half-updated), keep serving
+                    log.exception("decode step failed")
+                    failed = {id(s): s for s in [*self.batch.rows, *admit]}
+                    self.batch.clear()
+                    self._finish(list(failed.values()), error=MaskserveError("generation failed"))
+                RUNNING.labels(WORKER).set(len(self.batch.rows))
+        self._shutdown()
+
+    def _admit(self) -> list[RunningRequest]:
+        """Take waiting requests while slots and the prefill budget last (at least one if a slot is free)."""
+        now = time.monotonic()
+        for seq in [s for s in self._waiting if s.cancelled or s.deadline <= now]:
+            self._waiting.remove(seq)
+            self._end(seq, RequestTimeout(self._timeout_message()) if not seq.cancelled else None)
+        admit: list[RunningRequest] = []
+        free = self.settings.max_running_requests - len(self.batch.rows)
+        longest = 0
+        while self._waiting and len(admit) < free:
+            longest_if = max(longest, len(self._waiting[0].job.prompt_ids))
+            if admit and longest_if * (len(admit) + 1) > PREFILL_TOKEN_BUDGET:
+                break
+            longest = longest_if
+            admit.append(self._waiting.popleft())
+        QUEUE_DEPTH.labels(WORKER).set(len(self._waiting))
+        return admit
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        gone = [s for s in self.batch.rows if s.cancelled or s.deadline <= now]
+        if not gone:
+            return
+        self.batch.remove(gone)
+        for seq in gone:
+            with self._cv:
+                self._end(seq, None if seq.cancelled else RequestTimeout(self._timeout_message()))
+
+    def _timeout_message(self) -> str:
+        return f"generation did not finish within {self.settings.request_timeout_s:g} s (MASKSERVE_REQUEST_TIMEOUT_S)"
+
+    def _finish(self, seqs: Sequence[RunningRequest], error: MaskserveError | None = None) -> None:
+        for seq in seqs:
+            if error is None:
+                result = seq.result()
+                seq.emit(result)
+                GENERATED_TOKENS.inc(result.completion_tokens)
+                took = time.monotonic() - seq.submitted
+                self._mean_request_s = 0.9 * self._mean_request_s + 0.1 * took
+            with self._cv:
+                self._end(seq, error)
+
+    def _end(self, seq: RunningRequest, error: MaskserveError | None) -> None:
+        """Release the request's slot (call with the condition held); deliver ``error`` if it failed."""
+        if error is not None:
+            seq.emit(error)
+        self._active -= 1
+
+    def _shutdown(self) -> None:
+        with self._cv:
+            pending = list(self._waiting) + list(self.batch.rows)
+            self._waiting.clear()
+            for seq in pending:
+                self._end(seq, NotReady("the server is shutting down"))
+        self.batch.clear()
+
+    # --- introspection ------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            return {"running": len(self.batch.rows), "waiting": len(self._waiting), "active": self._active}

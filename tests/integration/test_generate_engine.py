@@ -1,0 +1,165 @@
+"""The decode loop on the tiny Llama: equal to transformers' greedy generate, and the same alone or batched."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+
+import pytest
+import torch
+
+from service.engine.generate import DecodeBatch, FinishReason, GenerationJob, RunningRequest, SamplingParams
+from service.engine.loading import LoadedModel
+from service.engine.vocab import ModelVocab
+from service.masks.output import OutputMaskSpec, compile_output_mask
+
+PROMPTS = [
+    "the dog sees the red ball.",
+    "paris",
+    "a farmer watches an apple and the tall mountain, then my friend visits the capital.",
+    "the teacher paints",
+    "jupiter is the largest planet.",
+]
+
+
+@pytest.fixture(scope="module")
+def vocab(tiny_llama: LoadedModel) -> ModelVocab:
+    return ModelVocab.build(tiny_llama, grammar_cache_size=8)
+
+
+@pytest.fixture
+def batch(tiny_llama: LoadedModel, vocab: ModelVocab) -> DecodeBatch:
+    return DecodeBatch(tiny_llama.generation_model, vocab, lock=threading.Lock(), pad_id=0)
+
+
+def make(
+    tiny: LoadedModel, vocab: ModelVocab, prompt: str, n: int = 12, spec: OutputMaskSpec | None = None, **kw: object
+) -> RunningRequest:
+    job = GenerationJob(
+        list(tiny.tokenizer(prompt)["input_ids"]), SamplingParams(max_new_tokens=n, **kw), spec or OutputMaskSpec()
+    )  # type: ignore[arg-type]
+    mask = compile_output_mask(job.output_mask, vocab.vocabulary, encode=vocab.encode, grammars=vocab.grammars)
+    return RunningRequest(job, mask, torch.device("cpu"))
+
+
+def drive(batch: DecodeBatch, arrivals: dict[int, Sequence[RunningRequest]]) -> None:
+    """Add requests at the given step numbers and step until every request finished."""
+    step = 0
+    pending = dict(arrivals)
+    while pending or batch.rows:
+        if step in pending:
+            batch.add(pending.pop(step))
+        if batch.rows:
+            batch.step()
+        step += 1
+        assert step < 500
+
+
+def alone(batch: DecodeBatch, seq: RunningRequest) -> list[int]:
+    drive(batch, {0: [seq]})
+    assert not batch.rows
+    return seq.generated
+
+
+def test_greedy_matches_transformers_generate(tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch) -> None:
+    model, tok = tiny_llama.generation_model, tiny_llama.tokenizer
+    assert model is not None
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            ref = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+        seq = make(tiny_llama, vocab, prompt, n=12)
+        assert alone(batch, seq) == ref.tolist()
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"temperature": 1.0, "seed": 7}, {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 1}],
+    ids=["greedy", "sampled", "top-k-top-p"],
+)
+def test_same_output_alone_or_in_a_changing_batch(
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch, kw: dict[str, object]
+) -> None:
+    lengths = [12, 5, 9, 16, 3]
+    mk: Callable[[int], RunningRequest] = lambda i: make(tiny_llama, vocab, PROMPTS[i], n=lengths[i], **kw)  # noqa: E731
+    solo = [alone(batch, mk(i)) for i in range(len(PROMPTS))]
+    seqs = [mk(i) for i in range(len(PROMPTS))]
+    # Staggered arrivals: rows join a running batch with longer or shorter caches, others leave meanwhile.
+    drive(batch, {0: [seqs[0]], 2: [seqs[1], seqs[2]], 3: [seqs[3]], 9: [seqs[4]]})
+    assert [s.generated for s in seqs] == solo
+    assert all(s.finish_reason is FinishReason.LENGTH for s in seqs)
+
+
+def test_cache_shrinks_when_long_rows_leave(tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch) -> None:
+    long, short = make(tiny_llama, vocab, PROMPTS[2], n=3), make(tiny_llama, vocab, PROMPTS[1], n=8)
+    batch.add([long, short])
+    width = batch.cache.width  # type: ignore[union-attr]
+    batch.step()
+    batch.step()  # the long prompt's request is done after 3 tokens (1 at prefill + 2 steps)
+    assert long.finished
+    assert batch.rows == [short]
+    # Only the short row's keys remain: its prompt and the tokens it fed, no left padding.
+    assert batch.cache.width == len(short.job.prompt_ids) + 2  # type: ignore[union-attr]
+    assert batch.cache.width < width + 2  # type: ignore[union-attr]
+    assert batch.mask is not None
+    assert bool(batch.mask.keys.all())
+    drive(batch, {})
+
+
+def test_remove_cancelled_row_keeps_the_others(tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch) -> None:
+    ref = alone(batch, make(tiny_llama, vocab, PROMPTS[0], n=10))
+    a, b = make(tiny_llama, vocab, PROMPTS[0], n=10), make(tiny_llama, vocab, PROMPTS[2], n=10)
+    batch.add([a, b])
+    batch.step()
+    batch.remove([b])
+    drive(batch, {})
+    assert a.generated == ref
+    assert len(b.generated) == 2
+
+
+def test_eos_and_finish_reasons(tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch) -> None:
+    eos = tiny_llama.tokenizer.eos_token_id
+    # A logit bias that makes end-of-sequence certain: the model stops at once, after min_tokens if given.
+    seq = make(tiny_llama, vocab, PROMPTS[0], spec=OutputMaskSpec(logit_bias=((eos, 100.0),)))
+    assert alone(batch, seq) == [eos]
+    assert seq.finish_reason is FinishReason.EOS
+    assert seq.result().text == ""
+    seq = make(tiny_llama, vocab, PROMPTS[0], spec=OutputMaskSpec(logit_bias=((eos, 100.0),), min_tokens=3))
+    out = alone(batch, seq)
+    assert len(out) == 4
+    assert out[-1] == eos
+    assert eos not in out[:3]
+
+
+def test_stop_sequence_cuts_text(tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch) -> None:
+    free = make(tiny_llama, vocab, PROMPTS[0], n=12, temperature=1.0, seed=5)
+    alone(batch, free)
+    text = free.result().text
+    stop = text[3:5]
+    assert stop
+    assert stop not in text[:4]
+    seq = make(tiny_llama, vocab, PROMPTS[0], n=12, temperature=1.0, seed=5, stop=(stop,))
+    alone(batch, seq)
+    result = seq.result()
+    assert result.finish_reason is FinishReason.STOP
+    assert result.text == text[: text.index(stop)]
+
+
+def test_records_mask_effect_only_when_asked(tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch) -> None:
+    spec = OutputMaskSpec(allowed_words=("the", "dog"))
+    plain = make(tiny_llama, vocab, PROMPTS[0], n=4, spec=spec)
+    alone(batch, plain)
+    assert plain.result().mask_steps is None
+    seq = make(tiny_llama, vocab, PROMPTS[0], n=4, spec=spec)
+    seq.mask_steps = []
+    alone(batch, seq)
+    steps = seq.result().mask_steps
+    assert steps is not None
+    assert len(steps) == 4
+    allowed = {t for w in ("the", "dog", " the", " dog") for t in vocab.encode(w)} | set(vocab.vocabulary.eos_ids)
+    for i, step in enumerate(steps):
+        assert step.step == i
+        assert step.allowed == len(allowed)
+        assert 0.0 < step.removed_mass < 1.0
+        assert all(tid not in allowed for tid, _ in step.removed_top)
+        assert [p for _, p in step.removed_top] == sorted((p for _, p in step.removed_top), reverse=True)
