@@ -24,13 +24,13 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
+from service.training.eval import ClozeItem, EvalMode, FillMaskScorer, evaluate
+from service.training.objectives import MaskedObjective, non_special_ids
 from transformers import PreTrainedModel
 
 from bench.experiments.common import Clock, Result, fmt_pm, markdown_table, new_figure, parse_args, publish, t_ci
 from bench.experiments.training import small_model, train
 from service.masks.input import InputMasking, MaskingStrategy
-from service.training.eval import ClozeItem, EvalMode, FillMaskScorer, evaluate
-from service.training.objectives import MaskedObjective, non_special_ids
 from tests.tiny import OBJECTS, SUBJECTS, VERBS
 
 NAME = "masking_ratio"
@@ -77,8 +77,9 @@ def main(argv: Sequence[str] | None = None) -> Result:
             obj = MaskedObjective(tok, masking, mask_id, random_ids, max_length=64, shift=False)
             curve: list[list[float]] = []
 
-            def score(step: int, model: PreTrainedModel = model, curve: list[list[float]] = curve) -> None:
-                plain = evaluate(FillMaskScorer(model, tok, mask_id, mntp=False), cloze, [EvalMode.PLAIN])["plain"]
+            def score(step: int, model: PreTrainedModel = model, curve: list[list[float]] = curve,
+                      items: list[ClozeItem] = cloze) -> None:  # fmt: skip
+                plain = evaluate(FillMaskScorer(model, tok, mask_id, mntp=False), items, [EvalMode.PLAIN])["plain"]
                 assert isinstance(plain, dict)
                 curve.append([100 * plain["top1"], 100 * plain["top5"]])
 

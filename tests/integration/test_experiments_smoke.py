@@ -10,11 +10,11 @@ from types import ModuleType
 import pytest
 import torch
 
-from bench.experiments import distractors, padding
+from bench.experiments import distractors, output_masks, padding
 from bench.experiments.common import Result, load_decoder
 from service.masks.attention import AttentionConstraints
 
-EXPERIMENTS = [padding, distractors]
+EXPERIMENTS = [padding, distractors, output_masks]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -74,3 +74,8 @@ def test_shared_prompt_scoring_equals_one_forward_per_candidate() -> None:
     plain = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(cand_ids[0]))
     ours = distractors.score(model, [distractors.layout(prompt.ids, cand_ids[:1], AttentionConstraints())], 0)
     assert ours[0][0] == pytest.approx(plain, abs=1e-4)
+
+
+def test_output_masks_guarantee_the_format(smoke: dict[str, Result]) -> None:
+    rows = {(r["task"], r["masked"]): r for r in smoke[output_masks.NAME].rows}
+    assert rows["classification", True]["compliance"] == 1.0  # choice: the output is one of the labels
