@@ -284,8 +284,11 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=4, help="requests in the one-at-a-time runs")
     parser.add_argument("--quick", action="store_true", help="16 tokens, 1 round")
     parser.add_argument("--compile", action="store_true", help="also measure one stream with torch.compile")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.tokens, args.rounds = 16, 1
     n = args.tokens

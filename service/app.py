@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
-from service.api import generate, health, metrics, openai
+from service.api import fill_mask, generate, health, metrics, openai
 from service.api.openapi import document_errors
 from service.config import Settings, load_settings
 from service.engine.core import Engine
@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     add_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(fill_mask.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
     return app

@@ -1,13 +1,16 @@
-"""Command line: ``maskserve serve | info``.
+"""Command line: ``maskserve serve | info | finetune | eval``.
 
 maskserve serve [--host 127.0.0.1] [--port 8000] [--model DIR|bundled] [--adapter DIR|shipped|none]
 maskserve info  [--model ...] [--adapter ...]     # what would be served, as JSON
+maskserve finetune --data FILE [--objective mlm|mntp|sft] [--out DIR] ...   # see service/training/finetune.py
+maskserve eval fill-mask [--cloze FILE] [--mode both|plain|whole_word] [--model ...] [--adapter ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import time
@@ -93,6 +96,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from service.training.config import config_from_args
+    from service.training.finetune import run
+
+    logging.basicConfig(level="WARNING")
+    run(config_from_args(args))
+    return 0
+
+
+def cmd_eval_fill_mask(args: argparse.Namespace) -> int:
+    from service.training.eval import run_cli
+
+    return run_cli(
+        _settings(args), cloze=args.cloze, mode=args.mode, limit=args.limit, json_out=args.json,
+        update_card=args.update_card,
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskserve", description="Mask-aware transformer inference service")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="load the model and print what would be served")
     _model_args(info)
     info.set_defaults(func=cmd_info)
+
+    from service.training.config import add_arguments
+
+    finetune = sub.add_parser("finetune", help="fine-tune with input, attention and loss masks (LoRA)")
+    add_arguments(finetune)
+    finetune.set_defaults(func=cmd_finetune)
+    evaluate = sub.add_parser("eval", help="evaluate the served model")
+    eval_sub = evaluate.add_subparsers(dest="task", required=True)
+    fill = eval_sub.add_parser("fill-mask", help="top-1/top-5 accuracy on a cloze file")
+    fill.add_argument("--cloze", help="cloze file (default: the bundled service/data/cloze.tsv)")
+    fill.add_argument("--mode", choices=["both", "plain", "whole_word"], default="both")
+    fill.add_argument("--limit", type=int, default=0, help="only the first N items")
+    fill.add_argument("--json", help="write every prediction to this JSON file")
+    fill.add_argument("--update-card", action="store_true", help="record the numbers in the adapter's model card")
+    _model_args(fill)
+    fill.set_defaults(func=cmd_eval_fill_mask)
     return parser
 
 

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from service.config import Settings, load_settings  # noqa: E402
 from service.engine.loading import LoadedModel, load_model  # noqa: E402
-from tests.tiny import build_tiny_bert, build_tiny_llama  # noqa: E402
+from tests.tiny import build_tiny_bert, build_tiny_llama, build_tiny_mntp_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +42,19 @@ def tiny_bert(bert_settings: Settings) -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_llama(llama_settings: Settings) -> LoadedModel:
     return load_model(llama_settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_mntp_adapter_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_mntp_adapter(tiny_llama_dir, tmp_path_factory.mktemp("tiny-mntp"))
+
+
+@pytest.fixture(scope="session")
+def mntp_settings(tiny_llama_dir: Path, tiny_mntp_adapter_dir: Path) -> Settings:
+    return load_settings(model=str(tiny_llama_dir), adapter=str(tiny_mntp_adapter_dir), max_batch_wait_ms=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_mntp(mntp_settings: Settings) -> LoadedModel:
+    """The tiny Llama with a random MNTP adapter: fill-mask through a decoder."""
+    return load_model(mntp_settings)

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from service.config import Settings
+from service.engine.fill_mask import FillMaskWorker
 from service.engine.loading import LoadedModel, load_model
 from service.engine.scheduler import GenerationScheduler
 from service.errors import NotReady, UnsupportedForModel
@@ -29,6 +30,7 @@ class Engine:
         # fight for the same cores (or GPU stream) anyway; the lock keeps each forward's timing clean.
         self.compute_lock = threading.Lock()
         self.generation: GenerationScheduler | None = None  # continuous-batching decode loop (decoders)
+        self.fill_mask: FillMaskWorker | None = None  # dynamic batching of fill-mask searches
 
     async def start(self) -> None:
         try:
@@ -43,12 +45,19 @@ class Engine:
 
     async def _start_workers(self) -> None:
         """Start the per-task workers for what the loaded model can do."""
-        if self.model is not None and self.model.generation_model is not None:
+        assert self.model is not None
+        if self.model.fill_mask_model is not None:
+            # built in a thread: it classifies the vocabulary and checks the head-only forward (~1 s)
+            self.fill_mask = await asyncio.to_thread(FillMaskWorker, self.model, self.settings, self.compute_lock)
+            await self.fill_mask.start()
+        if self.model.generation_model is not None:
             self.generation = await asyncio.to_thread(GenerationScheduler, self.model, self.settings, self.compute_lock)
             self.generation.start()
 
     async def stop(self) -> None:
         self.ready = False
+        if self.fill_mask is not None:
+            await self.fill_mask.stop()
         if self.generation is not None:
             await self.generation.stop()
 
@@ -62,6 +71,15 @@ class Engine:
         if not self.ready or self.model is None:
             raise NotReady("the model is still loading; retry shortly (see GET /ready)")
         return self.model
+
+    def fill_mask_worker(self) -> FillMaskWorker:
+        self.require()
+        if self.fill_mask is None:
+            raise UnsupportedForModel(
+                "this model cannot fill masks: it is a decoder without an MNTP adapter; start the service with "
+                "MASKSERVE_ADAPTER set to an adapter trained by `maskserve finetune --objective mntp`"
+            )
+        return self.fill_mask
 
     def info(self) -> dict[str, Any]:
         m = self.require()

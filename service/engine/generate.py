@@ -151,6 +151,7 @@ class RunningRequest:
         self.mask_steps: list[MaskStep] | None = [] if job.record_masks else None
         self.finish_reason: FinishReason | None = None
         self.cancelled = False
+        self.ended = False  # its slot was released and its answer (or error) delivered
         self.deadline = float("inf")
         self.submitted = time.monotonic()
         self.emit: Callable[[Any], None] = lambda event: None  # set by the scheduler

@@ -264,6 +264,8 @@ class GenerationScheduler:
 
     def _finish(self, seqs: Sequence[RunningRequest], error: MaskserveError | None = None) -> None:
         for seq in seqs:
+            if seq.ended:
+                continue
             if error is None:
                 result = seq.result()
                 seq.emit(result)
@@ -274,7 +276,10 @@ class GenerationScheduler:
                 self._end(seq, error)
 
     def _end(self, seq: RunningRequest, error: MaskserveError | None) -> None:
-        """Release the request's slot (call with the condition held); deliver ``error`` if it failed."""
+        """Release the request's slot, once (call with the condition held); deliver ``error`` if it failed."""
+        if seq.ended:
+            return
+        seq.ended = True
         if error is not None:
             seq.emit(error)
         self._active -= 1

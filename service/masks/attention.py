@@ -69,8 +69,9 @@ def to_4d(key_mask: Tensor, structure: Tensor) -> Tensor:
     ``key_mask`` (B, S) bool, ``structure`` (T, S) or (B, T, S) bool  ->  (B, 1, T, S) bool.
 
     A query row left with nothing to attend to (a padding query under left padding, say) would make softmax
-    produce NaN; such rows are opened on the diagonal's key instead. Their outputs belong to padding and are
-    never read, but NaN would poison nothing else only if it stayed there, and with SDPA it can.
+    produce NaN; such rows are opened on the query's own key instead. Their outputs belong to padding and are
+    never read, but a NaN does not stay put: in the next layer it is that position's value vector, and the
+    zero attention weight real queries give it still yields 0 * NaN = NaN in their outputs.
     """
     if structure.dim() == 2:
         structure = structure.unsqueeze(0)  # (1, T, S)

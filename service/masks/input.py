@@ -136,14 +136,18 @@ def apply_input_mask(
     non-special vocabulary) or from ``range(vocab_size)``.
     """
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
-    u = torch.rand(input_ids.shape, generator=generator)  # one draw per position decides its fate
+    # Draws happen on the generator's device (a CPU generator cannot fill a CUDA tensor), then move.
+    # One uniform draw per position decides its fate: mask, random token, or kept.
+    dev = generator.device
+    u = torch.rand(input_ids.shape, generator=generator, device=dev).to(input_ids.device)
     to_mask = selected & (u < replace_prob)
     to_random = selected & (u >= replace_prob) & (u < replace_prob + random_prob)
     if random_token_ids is None:
-        random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator)
+        random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=dev)
     else:
-        pick = torch.randint(len(random_token_ids), input_ids.shape, generator=generator)
-        random_ids = random_token_ids[pick]
+        pick = torch.randint(len(random_token_ids), input_ids.shape, generator=generator, device=dev)
+        random_ids = random_token_ids.to(pick.device)[pick]
+    random_ids = random_ids.to(input_ids.device)
     masked = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     masked = torch.where(to_random, random_ids.to(input_ids.dtype), masked)
     return masked, labels

@@ -211,3 +211,41 @@ def test_waiting_request_times_out(tiny_llama_dir: object, tiny_llama: LoadedMod
         await scheduler.stop()
 
     asyncio.run(run())
+
+
+def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(
+    llama_settings: Settings, tiny_llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.engine.generate import DecodeBatch
+    from service.errors import MaskserveError
+
+    original = DecodeBatch.step
+    calls = {"n": 0}
+
+    def flaky_step(self: DecodeBatch) -> list[object]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("boom")
+        return original(self)  # type: ignore[return-value]
+
+    monkeypatch.setattr(DecodeBatch, "step", flaky_step)
+
+    async def run() -> None:
+        import threading
+
+        scheduler = GenerationScheduler(tiny_llama, llama_settings, threading.Lock())
+        # Both join in one prefill: max_new_tokens=1 is answered there, then the step for the other one fails.
+        quick = await scheduler.submit(GenerationJob([5, 6], SamplingParams(max_new_tokens=1)))
+        slow = await scheduler.submit(GenerationJob([5, 6], SamplingParams(max_new_tokens=5)))
+        scheduler.start()
+        assert (await quick.result()).completion_tokens == 1
+        with pytest.raises(MaskserveError) as err:
+            await slow.result()
+        assert err.value.status_code == 500
+        assert err.value.message == "generation failed"
+        assert scheduler.stats() == {"running": 0, "waiting": 0, "active": 0}
+        after = await scheduler.submit(GenerationJob([5, 6], SamplingParams(max_new_tokens=3)))
+        assert (await after.result()).completion_tokens == 3
+        await scheduler.stop()
+
+    asyncio.run(run())

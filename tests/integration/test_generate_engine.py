@@ -163,3 +163,36 @@ def test_records_mask_effect_only_when_asked(tiny_llama: LoadedModel, vocab: Mod
         assert 0.0 < step.removed_mass < 1.0
         assert all(tid not in allowed for tid, _ in step.removed_top)
         assert [p for _, p in step.removed_top] == sorted((p for _, p in step.removed_top), reverse=True)
+
+
+def test_masked_rows_are_the_same_alone_or_batched(
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch
+) -> None:
+    specs = [
+        OutputMaskSpec(bad_words=("e", "the")),
+        OutputMaskSpec(regex="[a-z ]+\\."),
+        OutputMaskSpec(json_schema='{"type": "object", "properties": {"n": {"type": "integer"}}}'),
+        OutputMaskSpec(),
+        OutputMaskSpec(allowed_words=("dog", "cat", "the"), min_tokens=4),
+    ]
+
+    def mk(i: int) -> RunningRequest:
+        return make(tiny_llama, vocab, PROMPTS[i], n=10, spec=specs[i], temperature=1.0, seed=i)
+
+    solo = [alone(batch, mk(i)) for i in range(len(specs))]
+    seqs = [mk(i) for i in range(len(specs))]
+    drive(batch, {0: seqs[:2], 1: [seqs[2]], 4: seqs[3:]})
+    assert [s.generated for s in seqs] == solo
+
+
+def test_grammar_cache_is_bounded(tiny_llama: LoadedModel) -> None:
+    vocab = ModelVocab.build(tiny_llama, grammar_cache_size=2)
+    cache = vocab.grammars
+    first = cache.get("regex", "a+")
+    cache.get("regex", "b+")
+    assert cache.get("regex", "a+") is first  # a hit, and now the most recent
+    cache.get("regex", "c+")  # evicts b+, the least recently used
+    assert len(cache) == 2
+    assert (cache.hits, cache.misses) == (1, 3)
+    cache.get("regex", "b+")
+    assert cache.misses == 4

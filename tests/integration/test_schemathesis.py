@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from pydantic import BaseModel, Field
 from schemathesis import GenerationMode
 from schemathesis.core.failures import FailureGroup, ServerError
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from service.api.health import EngineDep
 from service.app import create_app
@@ -54,7 +55,11 @@ def run_schemathesis(
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=examples, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         def check(case: schemathesis.Case) -> None:
-            response = case.call_and_validate()
+            # Schema-valid is not always servable: a generate request with neither prompt nor messages, or a
+            # task the loaded model cannot do, is a documented 400 that names the problem. So schema-valid data
+            # is not required to succeed; every other check (no 5xx, documented statuses, conforming bodies,
+            # auth) runs.
+            response = case.call_and_validate(excluded_checks=[positive_data_acceptance])
             statuses.setdefault(case.operation.label, set()).add(response.status_code)
 
         check()

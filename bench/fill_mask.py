@@ -1,0 +1,361 @@
+"""Fill-mask throughput and latency: maskserve (dynamic batching) against a naive baseline, same model, same run.
+
+    python bench/fill_mask.py                                   # bundled SmolLM2 + shipped MNTP adapter
+    python bench/fill_mask.py --adapter random                  # bundled SmolLM2 + a random LoRA (same speed)
+    python bench/fill_mask.py --model tiny-bert                 # the tests' tiny BERT (seconds, for a smoke run)
+    python bench/fill_mask.py --model /path/to/bert-base-uncased --concurrency 1,8,32 --requests 128
+
+Both services run as uvicorn subprocesses on free loopback ports, one at a time, and are driven by N concurrent
+httpx clients sending one-mask sentences (16 sentences, cycled):
+
+- maskserve: ``maskserve serve`` (POST /v1/fill-mask, batches concurrent requests into one padded forward);
+- baseline: a plain FastAPI ``def`` route (FastAPI's thread pool) running one unbatched forward per request.
+  For an encoder MLM it is transformers' fill-mask pipeline itself; for a decoder with an MNTP adapter (the
+  pipeline cannot do MNTP) it is the same merged model under a bidirectional mask, read at i-1, top-5.
+
+It prints requests/s, p50 and p99 latency for both and their ratios, and the bare model forward (one sentence,
+the full model as the baseline calls it, in this process) as the reference for concurrency 1.
+The adapter's weights are merged into the model, so a random adapter runs exactly as fast as a trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python bench/fill_mask.py` from anywhere: import service/ and tests/
+
+SENTENCES = [
+    "The [MASK] barked at the mailman.",
+    "Paris is the [MASK] of France.",
+    "Birds can [MASK] because they have wings.",
+    "She poured a cup of [MASK] and sat down by the window.",
+    "The children were playing in the [MASK] after school.",
+    "He forgot his [MASK] at home, so he could not unlock the door.",
+    "Water freezes at zero degrees [MASK].",
+    "The [MASK] rises in the east.",
+    "I would like to [MASK] a book from the library tomorrow morning.",
+    "The doctor told him to take the [MASK] twice a day with food.",
+    "A [MASK] has eight legs.",
+    "They went to the beach to [MASK] in the sea.",
+    "The orchestra played a beautiful piece by a famous [MASK] from Vienna.",
+    "My sister drinks [MASK] every morning.",
+    "The train was late because of the heavy [MASK] on the tracks last night.",
+    "Please close the [MASK] when you leave.",
+]
+
+
+# --- the baseline server -----------------------------------------------------------------------------------
+
+
+class BaselineRequest(BaseModel):
+    inputs: str
+
+
+def baseline_app(model_arg: str, adapter_arg: str) -> Any:
+    """A plain FastAPI app: one unbatched forward per request (no queue, no batching, no lock)."""
+    import torch
+    from fastapi import FastAPI
+    from transformers import pipeline
+
+    from service.config import load_settings
+    from service.engine.loading import UNIVERSAL_MASK, choose_mntp_mask_token, load_model
+
+    loaded = load_model(load_settings(model=model_arg, adapter=adapter_arg))
+    net, tok = loaded.fill_mask_model, loaded.tokenizer
+    assert net is not None
+    assert loaded.mask_token is not None
+    app = FastAPI()
+
+    if not loaded.mntp:
+        pipe = pipeline("fill-mask", model=net, tokenizer=tok)
+
+        @app.post("/fill-mask")
+        def fill_pipeline(body: BaselineRequest) -> Any:
+            return pipe(body.inputs.replace(UNIVERSAL_MASK, str(tok.mask_token)), top_k=5)
+
+        return app
+
+    mask = loaded.mask_token or choose_mntp_mask_token(tok)
+    mask_id = int(tok.convert_tokens_to_ids(mask))
+    prefix = [tok.bos_token_id] if tok.bos_token_id is not None else []
+
+    @app.post("/fill-mask")
+    def fill_mntp(body: BaselineRequest) -> Any:
+        text = body.inputs.replace(" " + UNIVERSAL_MASK, mask).replace(UNIVERSAL_MASK, mask)  # the word owns its space
+        ids = prefix + tok(text, add_special_tokens=False)["input_ids"]
+        x = torch.tensor([ids])
+        i = ids.index(mask_id)
+        with torch.inference_mode():
+            everything = torch.zeros(1, 1, len(ids), len(ids))  # bidirectional, no padding
+            probs = net(input_ids=x, attention_mask=everything).logits[0, i - 1].softmax(-1)  # MNTP: read at i-1
+        top = probs.topk(5)
+        out = []
+        for p, t in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            filled = ids[:i] + [t] + ids[i + 1 :]
+            out.append({"sequence": tok.decode(filled, skip_special_tokens=True), "score": p, "token": t,
+                        "token_str": tok.decode([t])})  # fmt: skip
+        return out
+
+    return app
+
+
+# --- the model setup ---------------------------------------------------------------------------------------
+
+
+def random_mntp_adapter(base_dir: Path, out: Path) -> Path:
+    """A random LoRA on every projection (as the shipped one), marked MNTP: same cost, no skill."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from service.engine.loading import choose_mntp_mask_token
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(out)
+    mask = choose_mntp_mask_token(AutoTokenizer.from_pretrained(base_dir))
+    (out / "maskserve.json").write_text(json.dumps({"objective": "mntp", "mask_token": mask}))
+    return out
+
+
+def resolve_model(args: argparse.Namespace, scratch: Path) -> tuple[str, str, str]:
+    """(model, adapter, description) as settings values."""
+    from service.config import load_settings
+    from service.engine.loading import SHIPPED_ADAPTER_DIR, bundled_model_dir
+
+    if args.model == "tiny-bert":
+        from tests.tiny import build_tiny_bert
+
+        return str(build_tiny_bert(scratch / "tiny-bert")), "none", "tiny BERT (tests/tiny.py)"
+    if args.model != "bundled":
+        return args.model, args.adapter, f"{Path(args.model).name} (adapter: {args.adapter})"
+    adapter = args.adapter
+    if adapter == "shipped" and not (SHIPPED_ADAPTER_DIR / "adapter_config.json").is_file():
+        print(f"note: no shipped adapter at {SHIPPED_ADAPTER_DIR}; using a random LoRA adapter instead "
+              "(merged into the weights, it runs exactly as fast as a trained one)")  # fmt: skip
+        adapter = "random"
+    if adapter == "random":
+        base = bundled_model_dir(load_settings(adapter="none").cache_dir)
+        path = random_mntp_adapter(base, scratch / "random-mntp")
+        return "bundled", str(path), "SmolLM2-135M-Instruct + random MNTP LoRA r=16 (merged)"
+    if adapter == "shipped":
+        return "bundled", "shipped", "SmolLM2-135M-Instruct + shipped MNTP adapter (merged)"
+    return "bundled", adapter, f"SmolLM2-135M-Instruct + {adapter}"
+
+
+def bare_forward_ms(model_arg: str, adapter_arg: str, repeats: int) -> tuple[float, float, int]:
+    """p50 of one sentence's forward in this process: the full model (as the baseline runs it), and the
+    head-only variant maskserve runs for decoders. Returns (full_ms, ours_ms, tokens)."""
+    import torch
+
+    from service.config import load_settings
+    from service.engine.fill_mask import FillMaskCodec, forward_rows, head_only_matches
+    from service.masks.fill import fill_attention
+
+    settings = load_settings(model=model_arg, adapter=adapter_arg)
+    from service.engine.loading import load_model
+
+    loaded = load_model(settings)
+    net = loaded.fill_mask_model
+    assert net is not None
+    codec = FillMaskCodec(loaded, settings)
+    inp = codec.encode(SENTENCES[0], "inputs")
+    ids = torch.tensor([inp.ids])
+    masks = fill_attention([len(inp.ids)], loaded.dtype)
+    head_only = head_only_matches(loaded)
+    from service.engine.fill_mask import Row
+
+    row = Row(inp.ids, (codec.read(inp.slots[0].index),))
+
+    def full() -> None:
+        with torch.inference_mode():
+            net(input_ids=ids, attention_mask=masks.attention)
+
+    def ours() -> None:
+        forward_rows(loaded, [row], head_only=head_only)
+
+    out = []
+    for fn in (full, ours):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+        out.append(statistics.median(times))
+    return out[0], out[1], len(inp.ids)
+
+
+# --- load generation ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    clients: int
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def drive(url: str, clients: int, requests: int) -> Run:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    counter = iter(range(requests))
+
+    async def client(http: httpx.AsyncClient, offset: int) -> None:
+        nonlocal errors
+        for n in counter:
+            body = {"inputs": SENTENCES[(n + offset) % len(SENTENCES)]}
+            t = time.perf_counter()
+            response = await http.post(url, json=body)
+            latencies.append((time.perf_counter() - t) * 1000)
+            errors += response.status_code != 200
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as http:
+        for s in SENTENCES[:4]:  # warm up the connection pool and the server
+            await http.post(url, json={"inputs": s})
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http, i) for i in range(clients)))
+        seconds = time.perf_counter() - started
+    return Run(clients, requests, seconds, latencies, errors)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(cmd: list[str], env: dict[str, str], ready_url: str) -> subprocess.Popen[bytes]:
+    import httpx
+
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited: {' '.join(cmd)}\n{proc.stderr.read().decode() if proc.stderr else ''}")
+        try:
+            if httpx.get(ready_url, timeout=2, trust_env=False).status_code in (200, 405):
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"server did not become ready: {' '.join(cmd)}")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def measure(name: str, cmd: list[str], env: dict[str, str], url: str, ready: str, plan: list[int], n: int) -> list[Run]:
+    proc = start(cmd, env, ready)
+    try:
+        runs = []
+        for clients in plan:
+            run = asyncio.run(drive(url, clients, max(n, 4 * clients)))
+            print(f"  {name:<9} {clients:>3} clients: {run.rps:7.1f} req/s  p50 {run.pct(0.5):7.1f} ms  "
+                  f"p99 {run.pct(0.99):7.1f} ms  errors {run.errors}", flush=True)  # fmt: skip
+            runs.append(run)
+        return runs
+    finally:
+        stop(proc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="bundled", help="'bundled', 'tiny-bert', or a local model directory")
+    parser.add_argument("--adapter", default="shipped", help="'shipped', 'random', 'none', or an adapter directory")
+    parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level (at least 4 per client)")
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-batch-wait-ms", type=float, default=2.0)
+    parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.serve_baseline:  # the subprocess side
+        import uvicorn
+
+        uvicorn.run(baseline_app(args.model, args.adapter), host="127.0.0.1", port=args.port, log_level="warning")
+        return 0
+
+    import torch
+
+    plan = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory(prefix="maskserve-bench-") as tmp:
+        model, adapter, description = resolve_model(args, Path(tmp))
+        env = {**os.environ, "MASKSERVE_LOG_LEVEL": "warning", "MASKSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
+               "MASKSERVE_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms)}  # fmt: skip
+        print(f"model: {description}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"{os.cpu_count()} cpus; max_batch_size {args.max_batch_size}, max_batch_wait_ms "
+              f"{args.max_batch_wait_ms:g}", flush=True)  # fmt: skip
+        full_ms, ours_ms, tokens = bare_forward_ms(model, adapter, repeats=30)
+        print(f"bare forward, 1 sentence ({tokens} tokens): full model p50 {full_ms:.1f} ms; "
+              f"maskserve's forward (head on the read position only) p50 {ours_ms:.1f} ms", flush=True)  # fmt: skip
+
+        port = free_port()
+        ours = measure(
+            "maskserve",
+            [sys.executable, "-m", "service.cli", "serve", "--model", model, "--adapter", adapter, "--port", str(port)],
+            env, f"http://127.0.0.1:{port}/v1/fill-mask", f"http://127.0.0.1:{port}/ready", plan, args.requests,
+        )  # fmt: skip
+        port = free_port()
+        base = measure(
+            "baseline",
+            [sys.executable, __file__, "--serve-baseline", "--model", model, "--adapter", adapter, "--port", str(port)],
+            env, f"http://127.0.0.1:{port}/fill-mask", f"http://127.0.0.1:{port}/fill-mask", plan, args.requests,
+        )  # fmt: skip
+
+    print()
+    print("| clients | maskserve req/s | p50 ms | p99 ms | baseline req/s | p50 ms | p99 ms | throughput × | p50 × |")
+    print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    for o, b in zip(ours, base, strict=True):
+        print(f"| {o.clients} | {o.rps:.1f} | {o.pct(0.5):.1f} | {o.pct(0.99):.1f} | {b.rps:.1f} | {b.pct(0.5):.1f} | "
+              f"{b.pct(0.99):.1f} | {o.rps / b.rps:.2f} | {b.pct(0.5) / o.pct(0.5):.2f} |")  # fmt: skip
+    print()
+    print(f"bare forward p50: {full_ms:.1f} ms (full model), {ours_ms:.1f} ms (maskserve's head-only forward)")
+    for o, b in zip(ours, base, strict=True):
+        if o.clients == 1:
+            print(f"concurrency 1: maskserve p50 / bare full forward p50 = {o.pct(0.5) / full_ms:.2f} (target <= 1.2)")
+        if o.clients == 32:
+            print(f"32 clients: maskserve / baseline throughput = {o.rps / b.rps:.2f} (target >= 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
