@@ -10,11 +10,11 @@ from types import ModuleType
 import pytest
 import torch
 
-from bench.experiments import distractors, output_masks, padding
+from bench.experiments import distractors, loss_mask, masking_ratio, output_masks, packing, padding
 from bench.experiments.common import Result, load_decoder
 from service.masks.attention import AttentionConstraints
 
-EXPERIMENTS = [padding, distractors, output_masks]
+EXPERIMENTS = [padding, packing, loss_mask, masking_ratio, distractors, output_masks]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -79,3 +79,9 @@ def test_shared_prompt_scoring_equals_one_forward_per_candidate() -> None:
 def test_output_masks_guarantee_the_format(smoke: dict[str, Result]) -> None:
     rows = {(r["task"], r["masked"]): r for r in smoke[output_masks.NAME].rows}
     assert rows["classification", True]["compliance"] == 1.0  # choice: the output is one of the labels
+
+
+def test_packing_with_the_mask_equals_alone(smoke: dict[str, Result]) -> None:
+    for row in smoke[packing.NAME].rows:
+        assert row["d_pack"] < 1e-4, row["variant"]  # a masked pack changes an example's logits by rounding only
+        assert row["d_naive"] > 1e-3, row["variant"]  # an unmasked one does not
