@@ -398,7 +398,9 @@ def _grammar_source(spec: OutputMaskSpec, bad: BadWords | None) -> tuple[str, st
             raise OutputMaskError(param, f"is not valid JSON: {exc.msg}") from None
         if not isinstance(schema, dict):
             raise OutputMaskError(param, "must be a JSON object (a JSON Schema)")
-        return "json_schema", json.dumps(schema, sort_keys=True), param
+        # Keep the client's property order: xgrammar emits properties in schema order, and sorting them made
+        # SmolLM2 write "age" before "name" and get it wrong (docs/interference.md, experiment 6).
+        return "json_schema", json.dumps(schema), param
     return "json_schema", json.dumps({"type": "object"}), spec.param("json_object")
 
 

@@ -1,0 +1,87 @@
+"""Every interference experiment's --smoke run (tiny models, seconds), so the scripts in bench/experiments
+cannot rot; plus the checks the experiments' own shortcuts rely on."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from bench.experiments import distractors, loss_mask, masking_ratio, output_masks, packing, padding
+from bench.experiments.common import Result, load_decoder
+from service.masks.attention import AttentionConstraints
+
+EXPERIMENTS = [padding, packing, loss_mask, masking_ratio, distractors, output_masks]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def smoke_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("experiments")
+
+
+@pytest.fixture(scope="module")
+def smoke(smoke_out: Path) -> dict[str, Result]:
+    """Each experiment's smoke run, once for the module."""
+    return {m.NAME: m.main(["--smoke", "--out", str(smoke_out), "--seed", "3"]) for m in EXPERIMENTS}
+
+
+@pytest.mark.parametrize("module", EXPERIMENTS, ids=lambda m: m.NAME)
+def test_smoke_run_writes_its_table_and_plot(module: ModuleType, smoke: dict[str, Result], smoke_out: Path) -> None:
+    result = smoke[module.NAME]
+    tmp_path = smoke_out
+    assert result.table_path == tmp_path / f"{module.NAME}.md"
+    assert result.plot_path == tmp_path / f"{module.NAME}.png"
+    written = result.table_path.read_text()
+    assert result.table in written
+    assert f"python -m bench.experiments.{module.NAME} --smoke --out {tmp_path} --seed 3" in written
+    assert result.plot_path.read_bytes()[:8] == PNG_MAGIC
+    assert result.table.count("\n") == len(result.rows) + 1  # header, rule, one line per row
+
+
+def test_padding_mask_makes_batched_equal_unbatched(smoke: dict[str, Result]) -> None:
+    rows = {r["variant"]: r for r in smoke[padding.NAME].rows}
+    # With the mask (and, on the left, shifted positions) batching changes only float rounding ...
+    for label in ("left, mask + shifted positions", "right, mask", "right, no mask"):
+        assert rows[label]["max_dlogit"] < 1e-4, label
+    # ... without it, left padding is attended to as if it were text.
+    assert rows["left, no mask"]["max_dlogit"] > 1e-2
+
+
+@torch.inference_mode()
+def test_shared_prompt_scoring_equals_one_forward_per_candidate() -> None:
+    """distractors.score() puts every candidate after one prompt, isolated from each other; that must equal
+    scoring each candidate in its own forward, under every condition's constraints."""
+    loaded = load_decoder(smoke=True)
+    model, tok = loaded.generation_model, loaded.tokenizer
+    item = distractors.make_items(2, random.Random(1))[1]
+    cand_ids = [tok(c, add_special_tokens=False).input_ids for c in item.candidates]
+    for cond in distractors.CONDITIONS:
+        prompt = distractors.build_prompt(tok, item, cond.with_distractor)
+        c = cond.constraints(prompt)
+        shared = distractors.score(model, [distractors.layout(prompt.ids, cand_ids, c)], tok.pad_token_id)[0]
+        alone = [distractors.score(model, [distractors.layout(prompt.ids, [ids], c)], tok.pad_token_id)[0][0]
+                 for ids in cand_ids]  # fmt: skip
+        assert shared == pytest.approx(alone, abs=1e-4), cond.label
+    # and with no constraint, one candidate alone is what the model gives with its own causal mask
+    prompt = distractors.build_prompt(tok, item)
+    ids = torch.tensor([prompt.ids + cand_ids[0]])
+    logp = model(input_ids=ids).logits[0].log_softmax(-1)
+    n = len(prompt.ids)
+    plain = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(cand_ids[0]))
+    ours = distractors.score(model, [distractors.layout(prompt.ids, cand_ids[:1], AttentionConstraints())], 0)
+    assert ours[0][0] == pytest.approx(plain, abs=1e-4)
+
+
+def test_output_masks_guarantee_the_format(smoke: dict[str, Result]) -> None:
+    rows = {(r["task"], r["masked"]): r for r in smoke[output_masks.NAME].rows}
+    assert rows["classification", True]["compliance"] == 1.0  # choice: the output is one of the labels
+
+
+def test_packing_with_the_mask_equals_alone(smoke: dict[str, Result]) -> None:
+    for row in smoke[packing.NAME].rows:
+        assert row["d_pack"] < 1e-4, row["variant"]  # a masked pack changes an example's logits by rounding only
+        assert row["d_naive"] > 1e-3, row["variant"]  # an unmasked one does not
