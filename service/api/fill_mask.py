@@ -43,7 +43,7 @@ async def fill_mask(
     worker = engine.fill_mask_worker()
     job = body.to_job(worker.codec, engine.settings)
     try:
-        result = await worker.submit(job, client_gone=_disconnected(request))
+        result = await worker.submit(job, client_gone=lambda: _disconnected(request))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     return JSONResponse(render_response(job, result))
