@@ -60,7 +60,7 @@ async def fill_mask(
 
     mask_store(request).put(request_id, report)
     try:
-        result = await worker.submit(job, client_gone=_disconnected(request))
+        result = await worker.submit(job, client_gone=lambda: _disconnected(request))
     except ClientGone:
         return Response(status_code=CLIENT_CLOSED)
     if body.return_masks:

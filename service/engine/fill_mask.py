@@ -533,8 +533,13 @@ class FillMaskWorker:
                 pending.future.set_exception(NotReady("the server is shutting down"))
         self._active = []
 
-    async def submit(self, job: FillMaskJob, *, client_gone: Awaitable[object] | None = None) -> FillMaskResult:
-        """Queue a job and wait for its result (RequestTimeout, Overloaded, ClientGone otherwise)."""
+    async def submit(
+        self, job: FillMaskJob, *, client_gone: Callable[[], Awaitable[object]] | None = None
+    ) -> FillMaskResult:
+        """Queue a job and wait for its result (RequestTimeout, Overloaded, ClientGone otherwise).
+
+        ``client_gone`` makes an awaitable that finishes when the client disconnects (made only once queued).
+        """
         if self._outstanding >= self._capacity:
             metrics.REJECTED.labels("queue_full").inc()
             raise Overloaded(f"fill-mask queue is full ({self._capacity} requests running or waiting); retry shortly")
@@ -543,7 +548,7 @@ class FillMaskWorker:
         self._queue.put_nowait(pending)
         self._arrived.set()
         metrics.QUEUE_DEPTH.labels(WORKER).set(self._queue.qsize())
-        gone = asyncio.ensure_future(client_gone) if client_gone is not None else None
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
             waiting: set[asyncio.Future[Any]] = {pending.future} | ({gone} if gone else set())
             done, _ = await asyncio.wait(
