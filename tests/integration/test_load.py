@@ -10,7 +10,7 @@ traffic mix is drawn round-robin from the lists, so the counts stay the same), a
 
     Kind("fill-mask", "POST", "/v1/fill-mask", json={"inputs": "the dog [MASK] the red ball."}, models={"bert"})
     Kind("bad top_k", "POST", "/v1/fill-mask", json={"inputs": "a [MASK].", "parameters": {"top_k": 0}},
-         expect=422, param="parameters.top_k", models={"bert"})
+         expect=400, param="parameters.top_k", models={"bert"})
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ MALFORMED_SHARE = 0.25
 CONCURRENCY = 64
 WARMUP_REQUESTS = 200
 MAX_RSS_GROWTH = 0.10
-MODELS_UNDER_LOAD = ["bert"]
+MODELS_UNDER_LOAD = ["bert", "llama"]  # fill-mask work on the encoder, generation on the decoder
 ALL_MODELS = frozenset({"bert", "llama"})
 
 
@@ -70,6 +70,22 @@ VALID_KINDS: list[Kind] = [
     Kind("health", "GET", "/health", headers={}, check=lambda r: r.json() == {"status": "ok"}),
     Kind("ready", "GET", "/ready", headers={}, check=lambda r: r.json() == {"status": "ready"}),
     Kind("metrics", "GET", "/metrics", check=lambda r: "maskserve_requests_total" in r.text),
+    Kind(
+        "fill-mask",
+        "POST",
+        "/v1/fill-mask",
+        json={"inputs": "the dog [MASK] the red ball.", "parameters": {"top_k": 3}},
+        check=lambda r: len(r.json()) == 3,
+        models={"bert"},
+    ),
+    Kind(
+        "generate",
+        "POST",
+        "/v1/generate",
+        json={"prompt": "the dog sees", "max_new_tokens": 4, "attention": {"exclude": [{"start": 4, "end": 7}]}},
+        check=lambda r: r.json()["usage"]["completion_tokens"] >= 1,
+        models={"llama"},
+    ),
 ]
 
 MALFORMED_KINDS: list[Kind] = [
@@ -80,6 +96,36 @@ MALFORMED_KINDS: list[Kind] = [
     Kind("wrong method", "POST", "/v1/models", json={"model": "x"}, expect=405),
     Kind("malformed JSON to a GET route", "PUT", "/health", content=b"{not json", headers={}, expect=405),
     Kind("oversized body", "POST", "/v1/models", content=b"x" * (MAX_BODY_BYTES + 1), expect=413),
+    Kind(
+        "fill-mask top_k 0",
+        "POST",
+        "/v1/fill-mask",
+        json={"inputs": "a [MASK].", "parameters": {"top_k": 0}},
+        expect=400,  # in range for the schema, out of range for MASKSERVE_MAX_TOP_K
+        param="parameters.top_k",
+        models={"bert"},
+    ),
+    Kind(
+        "fill-mask wrong type", "POST", "/v1/fill-mask", json={"inputs": 5}, expect=422, param="inputs", models={"bert"}
+    ),
+    Kind(
+        "generate bad span",
+        "POST",
+        "/v1/generate",
+        json={"prompt": "the dog", "attention": {"exclude": [{"start": 0, "end": 99}]}},
+        expect=400,
+        param="attention.exclude[0]",
+        models={"llama"},
+    ),
+    Kind(
+        "generate max_new_tokens 0",
+        "POST",
+        "/v1/generate",
+        json={"prompt": "a", "max_new_tokens": 0},
+        expect=422,
+        param="max_new_tokens",
+        models={"llama"},
+    ),
 ]
 
 
