@@ -40,7 +40,8 @@ def test_adapter_files_are_small_fp16_and_described() -> None:
 
 def test_load_model_picks_up_the_shipped_adapter(shipped: LoadedModel) -> None:
     assert shipped.adapter == str(SHIPPED_ADAPTER_DIR)
-    assert shipped.adapter_objective is AdapterObjective.MNTP and shipped.mntp
+    assert shipped.adapter_objective is AdapterObjective.MNTP
+    assert shipped.mntp
     assert shipped.mask_token == "<empty_output>"
     assert shipped.fill_mask_model is not shipped.generation_model  # the base still generates, untouched
 
