@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from service.config import Settings
@@ -235,7 +236,7 @@ def evaluate(scorer: FillMaskScorer, items: Sequence[ClozeItem], modes: Sequence
         hits1 = hits5 = 0
         by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         rows = []
-        for item in items:
+        for item in tqdm(items, desc=f"cloze {mode.value}", mininterval=10.0, leave=False):
             preds = scorer.plain(item.text) if mode is EvalMode.PLAIN else [w for w, _ in scorer.whole_word(item.text)]
             answers = {a.lower() for a in item.answers}
             lowered = [p.lower() for p in preds]
@@ -296,6 +297,8 @@ def run_cli(
     if limit:
         items = items[:limit]
     modes = list(EvalMode) if mode == "both" else [EvalMode(mode)]
+    if settings.torch_threads:  # on a shared CPU, oversubscribed threads cost far more than they give
+        torch.set_num_threads(settings.torch_threads)
     loaded = load_model(settings)
     result = evaluate(scorer_for(loaded), items, modes)
     print(f"model {loaded.name}, adapter {loaded.adapter}, cloze {cloze or DEFAULT_CLOZE}")
