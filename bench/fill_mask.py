@@ -5,7 +5,7 @@
     python bench/fill_mask.py --model tiny-bert                 # the tests' tiny BERT (seconds, for a smoke run)
     python bench/fill_mask.py --model /path/to/bert-base-uncased --concurrency 1,8,32 --requests 128
 
-Both services run as uvicorn subprocesses on free loopback ports, one at a time, and are driven by N concurrent
+Both services run as uvicorn subprocesses on free loopback ports, alternately driven by N concurrent
 httpx clients sending one-mask sentences (16 sentences, cycled):
 
 - maskserve: ``maskserve serve`` (POST /v1/fill-mask, batches concurrent requests into one padded forward);
@@ -160,48 +160,48 @@ def resolve_model(args: argparse.Namespace, scratch: Path) -> tuple[str, str, st
     return "bundled", adapter, f"SmolLM2-135M-Instruct + {adapter}"
 
 
-def bare_forward_ms(model_arg: str, adapter_arg: str, repeats: int) -> tuple[float, float, int]:
-    """p50 of one sentence's forward in this process: the full model (as the baseline runs it), and the
-    head-only variant maskserve runs for decoders. Returns (full_ms, ours_ms, tokens)."""
-    import torch
+class BareForward:
+    """One sentence's forward in this process: the full model (as the baseline runs it), and the head-only
+    variant maskserve runs for decoders. ``measure()`` returns both p50s in ms."""
 
-    from service.config import load_settings
-    from service.engine.fill_mask import FillMaskCodec, forward_rows, head_only_matches
-    from service.masks.fill import fill_attention
+    def __init__(self, model_arg: str, adapter_arg: str) -> None:
+        import torch
 
-    settings = load_settings(model=model_arg, adapter=adapter_arg)
-    from service.engine.loading import load_model
+        from service.config import load_settings
+        from service.engine.fill_mask import FillMaskCodec, Row, forward_rows, head_only_matches
+        from service.engine.loading import load_model
+        from service.masks.fill import fill_attention
 
-    loaded = load_model(settings)
-    net = loaded.fill_mask_model
-    assert net is not None
-    codec = FillMaskCodec(loaded, settings)
-    inp = codec.encode(SENTENCES[0], "inputs")
-    ids = torch.tensor([inp.ids])
-    masks = fill_attention([len(inp.ids)], loaded.dtype)
-    head_only = head_only_matches(loaded)
-    from service.engine.fill_mask import Row
+        settings = load_settings(model=model_arg, adapter=adapter_arg)
+        loaded = load_model(settings)
+        net = loaded.fill_mask_model
+        assert net is not None
+        codec = FillMaskCodec(loaded, settings)
+        inp = codec.encode(SENTENCES[0], "inputs")
+        self.tokens = len(inp.ids)
+        ids = torch.tensor([inp.ids])
+        attention = fill_attention([len(inp.ids)], loaded.dtype).attention
+        head_only = head_only_matches(loaded)
+        row = Row(inp.ids, (codec.read(inp.slots[0].index),))
 
-    row = Row(inp.ids, (codec.read(inp.slots[0].index),))
+        def full() -> None:
+            with torch.inference_mode():
+                net(input_ids=ids, attention_mask=attention)
 
-    def full() -> None:
-        with torch.inference_mode():
-            net(input_ids=ids, attention_mask=masks.attention)
+        self.fns = (full, lambda: forward_rows(loaded, [row], head_only=head_only))
 
-    def ours() -> None:
-        forward_rows(loaded, [row], head_only=head_only)
-
-    out = []
-    for fn in (full, ours):
-        for _ in range(3):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1000)
-        out.append(statistics.median(times))
-    return out[0], out[1], len(inp.ids)
+    def measure(self, repeats: int = 30) -> tuple[float, float]:
+        out = []
+        for fn in self.fns:
+            for _ in range(3):
+                fn()
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t) * 1000)
+            out.append(statistics.median(times))
+        return out[0], out[1]
 
 
 # --- load generation ---------------------------------------------------------------------------------------
@@ -222,6 +222,10 @@ class Run:
     def pct(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    def __add__(self, other: Run) -> Run:
+        return Run(self.clients, self.requests + other.requests, self.seconds + other.seconds,
+                   self.latencies_ms + other.latencies_ms, self.errors + other.errors)  # fmt: skip
 
 
 async def drive(url: str, clients: int, requests: int) -> Run:
@@ -282,31 +286,24 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def measure(name: str, cmd: list[str], env: dict[str, str], url: str, ready: str, plan: list[int], n: int) -> list[Run]:
-    proc = start(cmd, env, ready)
-    try:
-        runs = []
-        for clients in plan:
-            run = asyncio.run(drive(url, clients, max(n, 4 * clients)))
-            print(f"  {name:<9} {clients:>3} clients: {run.rps:7.1f} req/s  p50 {run.pct(0.5):7.1f} ms  "
-                  f"p99 {run.pct(0.99):7.1f} ms  errors {run.errors}", flush=True)  # fmt: skip
-            runs.append(run)
-        return runs
-    finally:
-        stop(proc)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="bundled", help="'bundled', 'tiny-bert', or a local model directory")
     parser.add_argument("--adapter", default="shipped", help="'shipped', 'random', 'none', or an adapter directory")
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts")
-    parser.add_argument("--requests", type=int, default=64, help="requests per level (at least 4 per client)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level and repeat (>= 4 per client)")
+    parser.add_argument("--repeats", type=int, default=2, help="alternate maskserve/baseline this many times")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-batch-wait-ms", type=float, default=2.0)
+    parser.add_argument(
+        "--omp-wait-policy",
+        default="PASSIVE",
+        help="OMP_WAIT_POLICY for both servers and the bare forward (maskserve serve defaults to PASSIVE)",
+    )
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch loads; inherited by both servers
 
     if args.serve_baseline:  # the subprocess side
         import uvicorn
@@ -322,38 +319,62 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "MASKSERVE_LOG_LEVEL": "warning", "MASKSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
                "MASKSERVE_MAX_BATCH_WAIT_MS": str(args.max_batch_wait_ms)}  # fmt: skip
         print(f"model: {description}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"{os.cpu_count()} cpus; max_batch_size {args.max_batch_size}, max_batch_wait_ms "
+              f"{os.cpu_count()} cpus, OMP_WAIT_POLICY={args.omp_wait_policy}, load average "
+              f"{os.getloadavg()[0]:.1f}; max_batch_size {args.max_batch_size}, max_batch_wait_ms "
               f"{args.max_batch_wait_ms:g}", flush=True)  # fmt: skip
-        full_ms, ours_ms, tokens = bare_forward_ms(model, adapter, repeats=30)
-        print(f"bare forward, 1 sentence ({tokens} tokens): full model p50 {full_ms:.1f} ms; "
-              f"maskserve's forward (head on the read position only) p50 {ours_ms:.1f} ms", flush=True)  # fmt: skip
+        bare = BareForward(model, adapter)
+        p_ours, p_base = free_port(), free_port()
+        servers = [
+            start([sys.executable, "-m", "service.cli", "serve", "--model", model, "--adapter", adapter, "--port",
+                   str(p_ours)], env, f"http://127.0.0.1:{p_ours}/ready"),
+            start([sys.executable, __file__, "--serve-baseline", "--model", model, "--adapter", adapter, "--port",
+                   str(p_base)], env, f"http://127.0.0.1:{p_base}/fill-mask"),
+        ]  # fmt: skip
+        urls = {
+            "maskserve": f"http://127.0.0.1:{p_ours}/v1/fill-mask",
+            "baseline": f"http://127.0.0.1:{p_base}/fill-mask",
+        }
+        results: dict[tuple[str, int], Run] = {}
+        bare_full: list[float] = []
+        bare_ours: list[float] = []
+        try:
+            for clients in plan:
+                for _ in range(args.repeats):  # alternate, so both sides see the same (shared) machine
+                    if clients == 1:
+                        full_ms, ours_ms = bare.measure()
+                        bare_full.append(full_ms)
+                        bare_ours.append(ours_ms)
+                    for name, url in urls.items():
+                        run = asyncio.run(drive(url, clients, max(args.requests, 4 * clients)))
+                        print(f"  {name:<9} {clients:>3} clients: {run.rps:7.1f} req/s  p50 {run.pct(0.5):7.1f} ms"
+                              f"  p99 {run.pct(0.99):7.1f} ms  errors {run.errors}", flush=True)  # fmt: skip
+                        key = (name, clients)
+                        results[key] = results[key] + run if key in results else run
+        finally:
+            for proc in servers:
+                stop(proc)
 
-        port = free_port()
-        ours = measure(
-            "maskserve",
-            [sys.executable, "-m", "service.cli", "serve", "--model", model, "--adapter", adapter, "--port", str(port)],
-            env, f"http://127.0.0.1:{port}/v1/fill-mask", f"http://127.0.0.1:{port}/ready", plan, args.requests,
-        )  # fmt: skip
-        port = free_port()
-        base = measure(
-            "baseline",
-            [sys.executable, __file__, "--serve-baseline", "--model", model, "--adapter", adapter, "--port", str(port)],
-            env, f"http://127.0.0.1:{port}/fill-mask", f"http://127.0.0.1:{port}/fill-mask", plan, args.requests,
-        )  # fmt: skip
-
+    if not bare_full:
+        full_ms, ours_ms = bare.measure()
+        bare_full, bare_ours = [full_ms], [ours_ms]
+    full_ms, ours_ms = statistics.median(bare_full), statistics.median(bare_ours)
     print()
     print("| clients | maskserve req/s | p50 ms | p99 ms | baseline req/s | p50 ms | p99 ms | throughput × | p50 × |")
     print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for o, b in zip(ours, base, strict=True):
-        print(f"| {o.clients} | {o.rps:.1f} | {o.pct(0.5):.1f} | {o.pct(0.99):.1f} | {b.rps:.1f} | {b.pct(0.5):.1f} | "
+    for clients in plan:
+        o, b = results[("maskserve", clients)], results[("baseline", clients)]
+        print(f"| {clients} | {o.rps:.1f} | {o.pct(0.5):.1f} | {o.pct(0.99):.1f} | {b.rps:.1f} | {b.pct(0.5):.1f} | "
               f"{b.pct(0.99):.1f} | {o.rps / b.rps:.2f} | {b.pct(0.5) / o.pct(0.5):.2f} |")  # fmt: skip
     print()
-    print(f"bare forward p50: {full_ms:.1f} ms (full model), {ours_ms:.1f} ms (maskserve's head-only forward)")
-    for o, b in zip(ours, base, strict=True):
-        if o.clients == 1:
-            print(f"concurrency 1: maskserve p50 / bare full forward p50 = {o.pct(0.5) / full_ms:.2f} (target <= 1.2)")
-        if o.clients == 32:
-            print(f"32 clients: maskserve / baseline throughput = {o.rps / b.rps:.2f} (target >= 3)")
+    print(f"bare forward, 1 sentence ({bare.tokens} tokens), p50: {full_ms:.1f} ms full model, {ours_ms:.1f} ms "
+          "maskserve's forward (LM head on the read position only)")  # fmt: skip
+    if 1 in plan:
+        o = results[("maskserve", 1)]
+        print(f"concurrency 1: maskserve p50 / bare full forward p50 = {o.pct(0.5) / full_ms:.2f} (target <= 1.2)")
+    if 32 in plan:
+        o, b = results[("maskserve", 32)], results[("baseline", 32)]
+        print(f"32 clients: maskserve / baseline throughput = {o.rps / b.rps:.2f} (target >= 3)")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (other work on this machine shares its cores)")
     return 0
 
 

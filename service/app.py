@@ -9,7 +9,8 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
-from service.api import fill_mask, generate, health, metrics, openai
+from service.api import fill_mask, generate, health, masks, metrics, openai, playground
+from service.api.inspect import MaskStore
 from service.api.openapi import document_errors
 from service.config import Settings, load_settings
 from service.engine.core import Engine
@@ -52,10 +53,13 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app = ServiceApp(title="maskserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
+    app.state.mask_store = MaskStore(settings.masks_buffer_size)
     add_exception_handlers(app)
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.include_router(fill_mask.router)
     app.include_router(generate.router)
     app.include_router(openai.router)
+    app.include_router(masks.router)
+    app.include_router(playground.router)
     return app

@@ -38,7 +38,8 @@ from service.metrics import IN_FLIGHT, REQUEST_LATENCY, REQUESTS
 log = logging.getLogger("maskserve.access")
 
 # Probes must work without a key: the kubelet cannot send one.
-PUBLIC_PATHS = frozenset({"/health", "/ready"})
+# The playground is a static page: public; the API calls it makes need the key (it has a field for it).
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/playground"})
 REQUEST_ID_HEADER = "X-Request-ID"
 # A client's id is echoed only if it is short and plain, so it cannot forge log fields or header lines.
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._:+=/-]{1,128}")

@@ -23,12 +23,12 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
-from service.training.data import ChatExample
-from service.training.objectives import SftObjective
 
 from bench.experiments.common import Clock, Result, fmt_pm, markdown_table, new_figure, parse_args, publish, t_ci
 from bench.experiments.packing import response_logits
 from bench.experiments.training import small_model, train, weighted_loss
+from service.training.data import ChatExample
+from service.training.objectives import SftObjective
 from tests.tiny import OBJECTS, SUBJECTS, VERBS
 
 NAME = "loss_mask"

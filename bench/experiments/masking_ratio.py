@@ -24,13 +24,13 @@ import random
 from collections.abc import Sequence
 
 import numpy as np
-from service.training.eval import ClozeItem, EvalMode, FillMaskScorer, evaluate
-from service.training.objectives import MaskedObjective, non_special_ids
 from transformers import PreTrainedModel
 
 from bench.experiments.common import Clock, Result, fmt_pm, markdown_table, new_figure, parse_args, publish, t_ci
 from bench.experiments.training import small_model, train
 from service.masks.input import InputMasking, MaskingStrategy
+from service.training.eval import ClozeItem, EvalMode, FillMaskScorer, evaluate
+from service.training.objectives import MaskedObjective, non_special_ids
 from tests.tiny import OBJECTS, SUBJECTS, VERBS
 
 NAME = "masking_ratio"

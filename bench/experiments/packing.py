@@ -27,8 +27,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from service.training.data import ChatExample
-from service.training.objectives import Batch, Encoded, SftObjective
 from torch import Tensor
 
 from bench.experiments.common import (
@@ -43,6 +41,8 @@ from bench.experiments.common import (
 )
 from bench.experiments.training import small_model, train, weighted_loss
 from service.masks.attention import causal_mask, padding_mask, position_ids, to_4d
+from service.training.data import ChatExample
+from service.training.objectives import Batch, Encoded, SftObjective
 from tests.tiny import OBJECTS, SUBJECTS, VERBS
 
 NAME = "packing"

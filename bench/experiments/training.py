@@ -18,12 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from service.training.data import batch_indices
-from service.training.objectives import Batch, Encoded, LossModule
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from bench.experiments.common import tiny_llama_dir
+from service.training.data import batch_indices
+from service.training.objectives import Batch, Encoded, LossModule
 
 Collate = Callable[[list[Encoded], torch.Generator], Batch]
 

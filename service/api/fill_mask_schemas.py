@@ -59,6 +59,10 @@ class FillMaskRequest(BaseModel):
     options: dict[str, Any] | None = Field(
         None, description="Accepted for Inference API clients (e.g. wait_for_model) and ignored."
     )
+    return_masks: bool = Field(
+        False,
+        description="Answer {'results': <the usual answer>, 'masks': <every applied mask>} instead (an extension).",
+    )
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -183,6 +187,13 @@ FillMaskResponse = (
     | list[list[FillMaskCandidate]]
     | list[list[FillMaskCandidate] | list[list[FillMaskCandidate]]]
 )
+
+
+class FillMaskWithMasks(BaseModel):
+    """The answer with ``return_masks``: the usual answer under ``results``, the applied masks beside it."""
+
+    results: FillMaskResponse
+    masks: dict[str, Any]
 
 
 def render_response(job: FillMaskJob, result: FillMaskResult) -> list[Any]:

@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from service.api.generate_schemas import GenerateRequest, GenerateResponse, GenerateStreamEvent
 from service.api.health import EngineDep
+from service.api.inspect import generate_report, token_decoder
+from service.api.masks import mask_store
 from service.api.sse import EventStream, result_or_cancel
 from service.engine.generate import GenerationResult
 from service.engine.scheduler import GenerationHandle
@@ -29,16 +31,34 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post(
     "/v1/generate",
     response_model=GenerateResponse,
+    response_model_exclude={"masks"},  # present only with return_masks (answered as a JSONResponse)
     summary="Generate text, with output masks",
     responses={**ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE if stream"}},
 )
 async def generate(body: GenerateRequest, engine: EngineDep, request: Request) -> Response | GenerateResponse:
     gen = engine.require_generation()
-    handle = await gen.submit(body.to_job(gen, engine.settings))
+    encoded = body.encode(gen)
+    job = body.to_job(gen, engine.settings, encoded)
+    handle = await gen.submit(job)
     model = engine.info()["id"]
+    decode = token_decoder(gen.vocab.tokenizer)
+    outcome: dict[str, GenerationResult] = {}
+
+    def report(dense: bool) -> dict[str, Any]:
+        return generate_report(
+            job.request_id, encoded.text, encoded.offsets, encoded.constraints, job, decode, dense=dense,
+            result=outcome.get("result"),
+        )  # fmt: skip
+
+    mask_store(request).put(job.request_id, report)
     if body.stream:
         return EventStream(_stream(handle, body.top_logprobs > 0), handle)
-    return GenerateResponse.of(await result_or_cancel(handle, request), model, body.top_logprobs > 0)
+    outcome["result"] = await result_or_cancel(handle, request)
+    response = GenerateResponse.of(outcome["result"], model, body.top_logprobs > 0)
+    if not body.return_masks:
+        return response
+    response.masks = report(False)
+    return JSONResponse(response.model_dump())
 
 
 async def _stream(handle: GenerationHandle, with_top: bool) -> AsyncIterator[dict[str, Any]]:

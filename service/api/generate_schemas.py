@@ -6,10 +6,13 @@ Each request converts itself into an engine job (``to_job``); routes only pass t
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.api.attention_schemas import AttentionSpec, message_spans
 from service.config import Settings
 from service.engine.generate import (
     MAX_TOP_LOGPROBS,
@@ -21,6 +24,7 @@ from service.engine.generate import (
 )
 from service.engine.scheduler import GenerationScheduler
 from service.errors import InvalidRequest
+from service.masks.attention import AttentionConstraints, RequestAttention, request_attention
 from service.masks.output import OutputMaskSpec
 
 MAX_WORDS = 256  # entries in bad_words / allowed_words / choice
@@ -89,6 +93,38 @@ def parse_logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], 
         if not -100.0 <= value <= 100.0:
             raise InvalidRequest("logit_bias values must lie in [-100, 100]", param=f"logit_bias.{key}")
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt as the engine will see it, with what inspection needs: text, ids, character offsets."""
+
+    text: str
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    constraints: AttentionConstraints
+    attention: RequestAttention | None  # None: plain causal
+
+
+def encode_prompt(
+    gen: GenerationScheduler,
+    *,
+    prompt: str | None,
+    messages: list[dict[str, str]] | None,
+    attention: AttentionSpec | None,
+    param: str,
+) -> EncodedPrompt:
+    """Tokenize ``prompt`` (as it is) or ``messages`` (chat template) and map the attention spans onto it."""
+    if messages is not None:
+        text = gen.render_chat(messages, param)
+        ids, offsets = gen.encode(text, param, chat=True)
+        starts = message_spans(text, [m["content"] for m in messages]) if attention else None
+    else:
+        text = prompt or ""
+        ids, offsets = gen.encode(text, param, chat=False)
+        starts = None
+    constraints = attention.to_constraints(offsets, len(text), starts) if attention else AttentionConstraints()
+    return EncodedPrompt(text, ids, offsets, constraints, request_attention(len(ids), constraints, torch.float32))
 
 
 def make_job(
@@ -171,15 +207,22 @@ class GenerateRequest(OutputMaskFields):
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS, description="Alternatives listed per token.")
     stream: bool = Field(False, description="Server-sent events: one per token, then one with the result.")
 
-    def to_job(self, gen: GenerationScheduler, settings: Settings) -> GenerationJob:
+    attention: AttentionSpec | None = Field(None, description="What the model may attend to (character spans).")
+    return_masks: bool = Field(False, description="Add every applied mask to the response (see /v1/masks).")
+
+    def encode(self, gen: GenerationScheduler) -> EncodedPrompt:
         if (self.prompt is None) == (self.messages is None):
             raise InvalidRequest("give either 'prompt' or 'messages' (exactly one)", param="prompt")
-        if self.messages is not None:
-            ids = gen.tokenize_chat([m.model_dump() for m in self.messages], "messages")
-        else:
-            ids = gen.tokenize_prompt(self.prompt or "", "prompt")
-        return make_job(
-            ids,
+        messages = [m.model_dump() for m in self.messages] if self.messages is not None else None
+        param = "messages" if messages is not None else "prompt"
+        return encode_prompt(gen, prompt=self.prompt, messages=messages, attention=self.attention, param=param)
+
+    def to_job(
+        self, gen: GenerationScheduler, settings: Settings, encoded: EncodedPrompt | None = None
+    ) -> GenerationJob:
+        encoded = encoded or self.encode(gen)
+        job = make_job(
+            encoded.ids,
             self.output_mask_spec(self.logit_bias),
             settings,
             max_new_tokens=self.max_new_tokens,
@@ -193,6 +236,9 @@ class GenerateRequest(OutputMaskFields):
             top_logprobs=self.top_logprobs,
             stream=self.stream,
         )
+        job.attention = encoded.attention
+        job.record_masks = self.return_masks
+        return job
 
 
 # --- responses -------------------------------------------------------------------------------------------------
@@ -242,6 +288,7 @@ class GenerateResponse(BaseModel):
     tokens: list[TokenDetail]
     usage: Usage
     seed: int = Field(description="The seed used (drawn at random when the request gave none).")
+    masks: dict[str, Any] | None = Field(None, description="With return_masks: every applied mask.")
 
     @classmethod
     def of(cls, r: GenerationResult, model: str, with_top: bool) -> GenerateResponse:

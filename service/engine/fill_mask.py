@@ -75,12 +75,18 @@ def special_ids(tokenizer: Any) -> set[int]:
 
 
 def word_pieces(tokenizer: Any, vocab_size: int) -> WordPieces:
+    """Classify the vocabulary once per model: WordPiece marks continuations with ``##``; byte-level BPE and
+    SentencePiece mark word starts with a space marker (``Ġ``, ``▁``). Ids past the tokenizer (a model whose
+    embeddings were padded) are never real."""
     n = min(vocab_size, len(tokenizer))
     tokens: list[str] = tokenizer.convert_ids_to_tokens(list(range(n)))
-    backend = tokenizer.backend_tokenizer
-    texts: list[str] = backend.decode_batch([[i] for i in range(n)], skip_special_tokens=False)  # Rust: ~10x faster
-    prefix = str(getattr(backend.model, "continuing_subword_prefix", None) or "")
-    wordpiece = type(backend.model).__name__ == "WordPiece" and bool(prefix)
+    singles = [[i] for i in range(n)]
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast (Rust) tokenizer: ~10x faster decoding
+    texts: list[str] = (
+        backend.decode_batch(singles, skip_special_tokens=False) if backend else tokenizer.batch_decode(singles)
+    )
+    prefix = str(getattr(getattr(backend, "model", None), "continuing_subword_prefix", None) or "")
+    wordpiece = type(getattr(backend, "model", None)).__name__ == "WordPiece" and bool(prefix)
     specials = special_ids(tokenizer)
     real, spaced, bare, cont = (torch.zeros(vocab_size, dtype=torch.bool) for _ in range(4))
     for i, (tok, text) in enumerate(zip(tokens, texts, strict=True)):
@@ -527,8 +533,13 @@ class FillMaskWorker:
                 pending.future.set_exception(NotReady("the server is shutting down"))
         self._active = []
 
-    async def submit(self, job: FillMaskJob, *, client_gone: Awaitable[object] | None = None) -> FillMaskResult:
-        """Queue a job and wait for its result (RequestTimeout, Overloaded, ClientGone otherwise)."""
+    async def submit(
+        self, job: FillMaskJob, *, client_gone: Callable[[], Awaitable[object]] | None = None
+    ) -> FillMaskResult:
+        """Queue a job and wait for its result (RequestTimeout, Overloaded, ClientGone otherwise).
+
+        ``client_gone`` makes an awaitable that finishes when the client disconnects (made only once queued).
+        """
         if self._outstanding >= self._capacity:
             metrics.REJECTED.labels("queue_full").inc()
             raise Overloaded(f"fill-mask queue is full ({self._capacity} requests running or waiting); retry shortly")
@@ -537,7 +548,7 @@ class FillMaskWorker:
         self._queue.put_nowait(pending)
         self._arrived.set()
         metrics.QUEUE_DEPTH.labels(WORKER).set(self._queue.qsize())
-        gone = asyncio.ensure_future(client_gone) if client_gone is not None else None
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
         try:
             waiting: set[asyncio.Future[Any]] = {pending.future} | ({gone} if gone else set())
             done, _ = await asyncio.wait(

@@ -211,6 +211,8 @@ def _max_length(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> i
 def load_model(settings: Settings) -> LoadedModel:
     """Load the model (and adapter) named by the settings onto the chosen device and dtype."""
     started = time.perf_counter()
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     if settings.model == BUNDLED_MODEL:

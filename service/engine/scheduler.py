@@ -136,16 +136,24 @@ class GenerationScheduler:
         ids = list(self.vocab.tokenizer(prompt)["input_ids"])
         return self.check_prompt(ids, param)
 
-    def tokenize_chat(self, messages: Sequence[dict[str, str]], param: str) -> list[int]:
+    def render_chat(self, messages: Sequence[dict[str, str]], param: str) -> str:
         tok = self.vocab.tokenizer
         if not getattr(tok, "chat_template", None):
             raise InvalidRequest("this model has no chat template: send a plain 'prompt' instead", param=param)
         try:
-            text = tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            return str(tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False))
         except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)
             raise InvalidRequest(f"the chat template rejected these messages: {exc}", param=param) from None
-        ids = list(tok(str(text), add_special_tokens=False)["input_ids"])
+
+    def tokenize_chat(self, messages: Sequence[dict[str, str]], param: str) -> list[int]:
+        ids = list(self.vocab.tokenizer(self.render_chat(messages, param), add_special_tokens=False)["input_ids"])
         return self.check_prompt(ids, param)
+
+    def encode(self, text: str, param: str, *, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's character range in ``text`` (for attention spans)."""
+        enc = self.vocab.tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+        offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
+        return self.check_prompt(list(enc["input_ids"]), param), offsets
 
     def check_prompt(self, ids: list[int], param: str) -> list[int]:
         if not ids:

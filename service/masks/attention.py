@@ -254,7 +254,11 @@ def emphasis_key_bias(
 def validate_constraints(n: int, constraints: AttentionConstraints, *, last_token_reads: bool = True) -> None:
     """Raise SpanError naming the span for out-of-range, empty or overlapping spans, and for spans that would
     cut the token that produces the output off from its own input."""
-    groups = (("exclude", constraints.exclude), ("isolate", constraints.isolate), ("emphasis", constraints.emphasis))
+    groups = (
+        ("exclude", constraints.exclude),
+        ("isolate.segments", constraints.isolate),
+        ("emphasis.spans", constraints.emphasis),
+    )
     seen: list[tuple[str, TokenSpan]] = []
     for kind, spans in groups:
         for i, span in enumerate(spans):
@@ -273,9 +277,10 @@ def validate_constraints(n: int, constraints: AttentionConstraints, *, last_toke
                     "includes the prompt's last token, which produces the output; end the span earlier",
                 )
     if constraints.isolate and len(constraints.isolate) < 2:
-        raise SpanError("attention.isolate", "needs at least two segments to isolate from each other")
+        raise SpanError("attention.isolate.segments", "needs at least two segments to isolate from each other")
     if constraints.emphasis and not constraints.emphasis_factor > 0:
         raise SpanError("attention.emphasis.factor", "must be > 0")
+
 
 # --- continuous batching: prefill and decode masks for a batch of requests ------------------------------------
 # A running batch keeps every row right-aligned: row b's cached keys are the last L_b columns of the batch's
@@ -429,3 +434,18 @@ def _pad_left(x: Tensor, width: int, fill: float | bool) -> Tensor:
         return x
     pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype, device=x.device)  # (B, width - S)
     return torch.cat([pad, x], dim=1)  # (B, width)
+
+
+def request_attention(n: int, constraints: AttentionConstraints, dtype: torch.dtype) -> RequestAttention | None:
+    """A request's constraints as the decode loop's per-row attention; None when there are none, so an empty
+    constraint takes exactly the unconstrained path (bit-identical results)."""
+    if constraints.empty:
+        return None
+    emphasized = bool(constraints.emphasis) and constraints.emphasis_factor != 1.0
+    return RequestAttention(
+        length=n,
+        structure=constrained_structure(n, constraints),  # (T, T)
+        decode_keys=decode_key_row(n, constraints),  # (T,)
+        key_bias=emphasis_key_bias(n, constraints, dtype) if emphasized else None,  # (T,)
+        positions=constrained_position_ids(n, constraints) if constraints.restart_positions else None,  # (T,)
+    )

@@ -45,7 +45,7 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
     """The card: base model, objective, masks, data (sources and licences), steps, metrics, command."""
     m = meta
     lines = [
-        f"# {Path(config['out']).name}: {config['objective']} adapter for {m['base_model']}",
+        f"# {config['objective'].upper()} adapter for {m['base_model']}",
         "",
         "Written by `maskserve finetune` (service/training/finetune.py).",
         "",
@@ -93,6 +93,7 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
         f"- Wall time: {m['train_seconds'] / 60:.1f} min on {m['device']} ({m['tokens_per_s']:.0f} tokens/s)",
         f"- Final train loss (mean of last 50 steps): {m['final_train_loss']:.3f}; validation loss: "
         f"{m['final_val_loss']:.3f}",
+        *[f"- Note: {note}" for note in m.get("notes") or []],
         "",
         "![training curve](training_curve.png)",
     ]

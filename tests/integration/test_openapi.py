@@ -14,6 +14,7 @@ from service.api.health import EngineDep
 from service.app import create_app
 from service.config import Settings
 from service.engine.loading import LoadedModel
+from service.middleware import PUBLIC_PATHS
 
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 # A request field with one of these in its name could point the server at a file: models and adapters come only
@@ -66,7 +67,7 @@ def test_keys_add_401_and_the_bearer_scheme(bert_settings: Settings, tiny_bert: 
     schema = _schema(bert_settings, tiny_bert, api_keys=["k"])
     assert schema["components"]["securitySchemes"] == {"bearerAuth": {"type": "http", "scheme": "bearer"}}
     for (path, _), op in _operations(schema).items():
-        if path in {"/health", "/ready"}:
+        if path in PUBLIC_PATHS:  # /health, /ready and the static /playground page
             assert "401" not in op["responses"]
             assert "security" not in op
         else:

@@ -448,7 +448,7 @@ def test_cancelled_and_gone_requests_are_dropped_before_their_forward(
             await asyncio.sleep(0.2)  # the worker took it and waits for the device
             task = asyncio.create_task(worker.submit(cancelled))
             client_left: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            gone_task = asyncio.create_task(worker.submit(gone, client_gone=client_left))
+            gone_task = asyncio.create_task(worker.submit(gone, client_gone=lambda: client_left))
             await asyncio.sleep(0.05)
             task.cancel()  # e.g. the server cancelled the handler
             client_left.set_result(None)  # the HTTP client disconnected

@@ -95,9 +95,9 @@ def test_emphasis_bias_is_minus_log_factor_outside_spans() -> None:
     [
         (AttentionConstraints(exclude=(TokenSpan(3, 9),)), "attention.exclude[0]"),
         (AttentionConstraints(exclude=(TokenSpan(1, 3), TokenSpan(2, 4))), "attention.exclude[1]"),
-        (AttentionConstraints(exclude=(TokenSpan(1, 3),), emphasis=(TokenSpan(2, 3),)), "attention.emphasis[0]"),
+        (AttentionConstraints(exclude=(TokenSpan(1, 3),), emphasis=(TokenSpan(2, 3),)), "attention.emphasis.spans[0]"),
         (AttentionConstraints(exclude=(TokenSpan(4, 6),)), "attention.exclude[0]"),  # includes the last token
-        (AttentionConstraints(isolate=(TokenSpan(1, 3),)), "attention.isolate"),
+        (AttentionConstraints(isolate=(TokenSpan(1, 3),)), "attention.isolate.segments"),
     ],
 )
 def test_invalid_spans_name_the_span(constraints: AttentionConstraints, param: str) -> None:

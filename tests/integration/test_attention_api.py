@@ -1,0 +1,197 @@
+"""Per-request attention constraints and mask inspection over HTTP, on the tiny Llama and tiny BERT.
+
+The proofs: an excluded span has no influence (replacing its text by other text of the same token length
+leaves the output unchanged), an empty constraint is bit-identical to none, and isolated segments with
+restarted positions make their order irrelevant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from service.engine.loading import LoadedModel
+
+PREFIX = "the dog sees the red ball."
+SPAN_A = " the cat likes some bread."
+SPAN_B = " a bird likes some bread."
+QUESTION = " the teacher visits"
+
+
+@pytest.fixture(scope="module")
+def client(llama_settings: Settings, tiny_llama: LoadedModel) -> Iterator[TestClient]:
+    with TestClient(create_app(llama_settings, loaded=tiny_llama)) as c:
+        yield c
+
+
+def generate(client: TestClient, prompt: str, **extra: Any) -> dict[str, Any]:
+    body = {"prompt": prompt, "max_new_tokens": 8, "top_logprobs": 0, **extra}
+    r = client.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def n_tokens(model: LoadedModel, text: str) -> int:
+    return len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_excluded_span_has_no_influence(client: TestClient, tiny_llama: LoadedModel) -> None:
+    assert n_tokens(tiny_llama, SPAN_A) == n_tokens(tiny_llama, SPAN_B)  # same token length: same positions
+    start = len(PREFIX)
+    outs = []
+    for span in (SPAN_A, SPAN_B):
+        prompt = PREFIX + span + QUESTION
+        att = {"exclude": [{"start": start, "end": start + len(span)}]}
+        outs.append(generate(client, prompt, attention=att))
+    assert [t["id"] for t in outs[0]["tokens"]] == [t["id"] for t in outs[1]["tokens"]]
+    assert [t["logprob"] for t in outs[0]["tokens"]] == pytest.approx(
+        [t["logprob"] for t in outs[1]["tokens"]], abs=1e-5
+    )
+    # without the exclusion the span does matter (so the test above could fail)
+    plain = [generate(client, PREFIX + span + QUESTION) for span in (SPAN_A, SPAN_B)]
+    assert [t["logprob"] for t in plain[0]["tokens"]] != [t["logprob"] for t in plain[1]["tokens"]]
+
+
+def test_empty_constraint_is_bit_identical_to_none(client: TestClient) -> None:
+    prompt = PREFIX + SPAN_A + QUESTION
+    none = generate(client, prompt)
+    empty = generate(client, prompt, attention={})
+    assert none["tokens"] == empty["tokens"]
+
+
+def test_isolated_segments_with_restarts_make_order_irrelevant(client: TestClient) -> None:
+    outs = []
+    for first, second in ((SPAN_A, SPAN_B), (SPAN_B, SPAN_A)):
+        prompt = PREFIX + first + second + QUESTION
+        a0 = len(PREFIX)
+        b0 = a0 + len(first)
+        att = {
+            "isolate": {
+                "segments": [{"start": a0, "end": b0}, {"start": b0, "end": b0 + len(second)}],
+                "restart_positions": True,
+            }
+        }
+        outs.append(generate(client, prompt, attention=att))
+    assert [t["id"] for t in outs[0]["tokens"]] == [t["id"] for t in outs[1]["tokens"]]
+    assert [t["logprob"] for t in outs[0]["tokens"]] == pytest.approx(
+        [t["logprob"] for t in outs[1]["tokens"]], abs=1e-4
+    )
+
+
+def test_emphasis_changes_the_output_distribution(client: TestClient) -> None:
+    prompt = PREFIX + SPAN_A + QUESTION
+    plain = generate(client, prompt)
+    steered = generate(
+        client, prompt, attention={"emphasis": {"spans": [{"start": 0, "end": len(PREFIX)}], "factor": 20}}
+    )
+    assert plain["tokens"][0]["logprob"] != steered["tokens"][0]["logprob"]
+
+
+@pytest.mark.parametrize(
+    ("attention", "param"),
+    [
+        ({"exclude": [{"start": 0, "end": 10}, {"start": 5, "end": 20}]}, "attention.exclude[1]"),
+        ({"exclude": [{"start": 0, "end": 500}]}, "attention.exclude[0]"),
+        ({"exclude": [{"start": 30, "end": 45}]}, "attention.exclude[0]"),  # includes the last token
+        (
+            {"exclude": [{"start": 0, "end": 3}], "emphasis": {"spans": [{"start": 1, "end": 2}]}},
+            "attention.emphasis.spans[0]",
+        ),
+        ({"exclude": [{"start": 0, "end": 3, "message": 0}]}, "attention.exclude[0]"),
+    ],
+)
+def test_bad_spans_are_400_naming_the_span(client: TestClient, attention: dict[str, Any], param: str) -> None:
+    prompt = PREFIX + QUESTION  # 45 characters
+    r = client.post("/v1/generate", json={"prompt": prompt, "max_new_tokens": 2, "attention": attention})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_chat_spans_refer_to_message_content(client: TestClient) -> None:
+    messages = [{"role": "system", "content": "the dog sees the red ball."}, {"role": "user", "content": "the cat"}]
+    r = client.post(
+        "/v1/masks",
+        json={
+            "endpoint": "generate",
+            "request": {"messages": messages, "attention": {"exclude": [{"start": 4, "end": 7, "message": 0}]}},
+        },
+    )
+    assert r.status_code == 200, r.text
+    report = r.json()
+    (span,) = report["attention"]["constraints"]["exclude"]
+    covered = "".join(t["text"] for t in report["tokens"][span[0] : span[1]])
+    assert covered.strip() == "dog"
+
+
+def test_dry_run_reports_every_mask_exactly(client: TestClient) -> None:
+    prompt = "the dog sees the red ball."
+    r = client.post(
+        "/v1/masks",
+        json={
+            "endpoint": "generate",
+            "request": {"prompt": prompt, "attention": {"exclude": [{"start": 4, "end": 8}]}, "bad_words": ["cat"]},
+            "dense": True,
+        },
+    )
+    assert r.status_code == 200, r.text
+    report = r.json()
+    tokens = report["tokens"]
+    assert "".join(t["text"] for t in tokens) == prompt
+    assert all(prompt[t["start"] : t["end"]] == t["text"] for t in tokens)
+    (span,) = report["attention"]["constraints"]["exclude"]
+    s, e = span
+    n = len(tokens)
+    for q, ranges in enumerate(report["attention"]["rows"]):
+        allowed = {k for a, b in ranges for k in range(a, b)}
+        expected = set(range(q + 1)) if s <= q < e else {k for k in range(q + 1) if not s <= k < e}
+        assert allowed == expected, q
+    assert report["attention"]["dense"][n - 1] == [0 if s <= k < e else 1 for k in range(n)]
+    assert report["attention"]["decode_keys"] == [[0, s], [e, n]]
+    assert report["output"] == {"kinds": ["bad_words"], "steps": None}
+
+
+def test_return_masks_records_output_steps_and_is_kept(client: TestClient) -> None:
+    data = generate(client, PREFIX, return_masks=True, allowed_words=["the", " the", " dog"])
+    steps = data["masks"]["output"]["steps"]
+    assert len(steps) == len(data["tokens"])
+    assert all(step["allowed"] >= 1 for step in steps)
+    kept = client.get(f"/v1/masks/{data['id']}")
+    assert kept.status_code == 200
+    assert kept.json()["output"]["steps"] == steps
+    png = client.get(f"/v1/masks/{data['id']}?format=png")
+    assert png.status_code == 200
+    assert png.headers["content-type"] == "image/png"
+    assert png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = client.get("/v1/masks/nope")
+    assert missing.status_code == 404
+    assert missing.json()["error"]["param"] == "request_id"
+
+
+def test_dry_run_rejects_a_bad_inner_request(client: TestClient) -> None:
+    r = client.post("/v1/masks", json={"endpoint": "generate", "request": {"prompt": "x", "max_new_tokens": 0}})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "request.max_new_tokens"
+
+
+def test_fill_mask_masks(bert_settings: Settings, tiny_bert: LoadedModel) -> None:
+    with TestClient(create_app(bert_settings, loaded=tiny_bert)) as c:
+        r = c.post("/v1/masks", json={"endpoint": "fill-mask", "request": {"inputs": "the dog [MASK] the red ball."}})
+        assert r.status_code == 200, r.text
+        report = r.json()
+        (masked,) = report["input"]["masked"]
+        assert report["tokens"][masked["index"]]["text"] == "[MASK]"
+        n = len(report["tokens"])
+        assert report["attention"]["type"] == "bidirectional"
+        assert report["attention"]["rows"] == [[[0, n]]] * n
+        answered = c.post("/v1/fill-mask", json={"inputs": "the dog [MASK] the red ball.", "return_masks": True})
+        assert answered.status_code == 200
+        assert set(answered.json()) == {"results", "masks"}
+        assert answered.json()["masks"]["input"] == report["input"]
+        png = c.post("/v1/masks?format=png", json={"endpoint": "fill-mask", "request": {"inputs": "a [MASK]."}})
+        assert png.headers["content-type"] == "image/png"

@@ -1,0 +1,81 @@
+"""The playground in headless Chromium (Debian's, never a downloaded build): type, select, run, see masks drawn.
+
+`make test` installs Debian's chromium when it is missing. Set MASKSERVE_SKIP_BROWSER=1 to skip this on a
+machine that cannot have it; without that a missing browser fails the test rather than hiding.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from service.app import create_app
+from service.config import Settings
+from service.engine.loading import LoadedModel
+from tests.live import live_server
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser_path() -> str:
+    if os.environ.get("MASKSERVE_SKIP_BROWSER") == "1":
+        pytest.skip("MASKSERVE_SKIP_BROWSER=1")
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian's chromium is missing: run `make test` (it installs it) or apt-get install chromium")
+    return CHROMIUM
+
+
+def test_playground_draws_the_attention_mask(
+    browser_path: str, llama_settings: Settings, tiny_llama: LoadedModel
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    text = "the dog sees the red ball. the cat likes some bread. the teacher visits"
+    with live_server(create_app(llama_settings, loaded=tiny_llama)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/playground")
+            page.select_option("#task", "generate")
+            page.fill("#text", text)
+            page.fill("#max-new", "4")
+            # select "the cat likes some bread." in the textarea and exclude it
+            start = text.index("the cat")
+            end = text.index(". the teacher") + 1
+            page.eval_on_selector("#text", f"el => {{ el.focus(); el.setSelectionRange({start}, {end}); }}")
+            page.click("#add-exclude")
+            assert "exclude" in page.inner_text("#spans")
+            page.click("#run")
+            page.wait_for_function("document.getElementById('mask-canvas').dataset.cellsTotal !== '0'", timeout=30000)
+            assert page.inner_text("#error") == ""
+            canvas = page.locator("#mask-canvas")
+            allowed = int(canvas.get_attribute("data-cells-allowed") or 0)
+            total = int(canvas.get_attribute("data-cells-total") or 0)
+            n = int(total**0.5)
+            assert n * n == total  # a square prompt mask: one row and one column per token
+            # causal would open n(n+1)/2 cells; the excluded span closes some of them
+            assert 0 < allowed < n * (n + 1) // 2
+            assert "causal" in page.inner_text("#mask-caption")
+            assert '"generated_text"' in page.inner_text("#result")
+            # the canvas really has dark (open) pixels drawn
+            dark = page.evaluate(
+                """() => { const c = document.getElementById('mask-canvas');
+                   const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                   let k = 0; for (let i = 0; i < d.length; i += 4) if (d[i] < 60) k++; return k; }"""
+            )
+            assert dark > 0
+            # the dry run (POST /v1/masks) draws the same mask without decoding
+            page.click("#dry-run")
+            page.wait_for_function("document.getElementById('result').textContent.includes('dry run')", timeout=30000)
+            assert int(canvas.get_attribute("data-cells-allowed") or 0) == allowed
+        finally:
+            browser.close()
