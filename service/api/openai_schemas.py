@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.generate_schemas import MAX_STOP, OutputMaskFields, Word, make_job
+from service.api.attention_schemas import AttentionSpec
+from service.api.generate_schemas import MAX_STOP, OutputMaskFields, Word, encode_prompt, make_job
 from service.config import Settings
 from service.engine.generate import MAX_TOP_LOGPROBS, FinishReason, GenerationJob, GenerationResult, TokenInfo
 from service.engine.scheduler import GenerationScheduler
@@ -53,6 +54,7 @@ class OpenAIFields(OutputMaskFields):
     # extensions
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    attention: AttentionSpec | None = Field(None, description="What the model may attend to (docs/masks.md).")
 
     def _check_common(self, served: str) -> None:
         if self.model != served:
@@ -124,7 +126,10 @@ class CompletionRequest(OpenAIFields):
         if self.suffix:
             raise InvalidRequest("suffix (insertion) is not supported", param="suffix")
         prompt = self.prompt
+        attention = None
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            if self.attention is not None:
+                raise InvalidRequest("attention spans need a text prompt, not token ids", param="attention")
             ids = [int(p) for p in prompt]
             vocab = gen.vocab.vocabulary.size
             for i, tid in enumerate(ids):
@@ -136,10 +141,13 @@ class CompletionRequest(OpenAIFields):
                 if len(prompt) != 1:
                     raise InvalidRequest("send one prompt per request (a list of exactly one)", param="prompt")
                 prompt = str(prompt[0])
-            ids = gen.tokenize_prompt(str(prompt), "prompt")
-        return self._job(
+            encoded = encode_prompt(gen, prompt=str(prompt), messages=None, attention=self.attention, param="prompt")
+            ids, attention = encoded.ids, encoded.attention
+        job = self._job(
             ids, settings, max_tokens=self.max_tokens, max_param="max_tokens", top_logprobs=self.logprobs or 0
         )
+        job.attention = attention
+        return job
 
 
 class CompletionLogprobs(BaseModel):
@@ -273,10 +281,11 @@ class ChatCompletionRequest(OpenAIFields):
             schema, names = fmt.json_schema.schema_, (("json_schema", "response_format.json_schema.schema"),)
         if (json_object or schema is not None) and (self.json_schema or self.regex or self.choice):
             raise InvalidRequest("give either response_format or json_schema/regex/choice", param="response_format")
-        ids = gen.tokenize_chat([m.as_template_message() for m in self.messages], "messages")
+        messages = [m.as_template_message() for m in self.messages]
+        encoded = encode_prompt(gen, prompt=None, messages=messages, attention=self.attention, param="messages")
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._job(
-            ids,
+        job = self._job(
+            encoded.ids,
             settings,
             max_tokens=limit,
             max_param="max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens",
@@ -285,6 +294,8 @@ class ChatCompletionRequest(OpenAIFields):
             json_object=json_object,
             param_names=names,
         )
+        job.attention = encoded.attention
+        return job
 
 
 class TopLogprobEntry(BaseModel):

@@ -195,3 +195,35 @@ def test_fill_mask_masks(bert_settings: Settings, tiny_bert: LoadedModel) -> Non
         assert answered.json()["masks"]["input"] == report["input"]
         png = c.post("/v1/masks?format=png", json={"endpoint": "fill-mask", "request": {"inputs": "a [MASK]."}})
         assert png.headers["content-type"] == "image/png"
+
+
+def test_openai_routes_take_attention_as_an_extra_field(client: TestClient, tiny_llama: LoadedModel) -> None:
+    start = len(PREFIX)
+    outs = []
+    for span in (SPAN_A, SPAN_B):
+        body = {
+            "model": tiny_llama.name,
+            "prompt": PREFIX + span + QUESTION,
+            "max_tokens": 6,
+            "temperature": 0,
+            "attention": {"exclude": [{"start": start, "end": start + len(span)}]},
+        }
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        outs.append(r.json()["choices"][0]["text"])
+    assert outs[0] == outs[1]
+    chat = {
+        "model": tiny_llama.name,
+        "messages": [{"role": "user", "content": PREFIX + SPAN_A}],
+        "max_tokens": 3,
+        "attention": {"exclude": [{"start": 0, "end": 999, "message": 0}]},
+    }
+    r = client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "attention.exclude[0]"
+    ids = client.post(
+        "/v1/completions",
+        json={"model": tiny_llama.name, "prompt": [5, 6, 7], "attention": {"exclude": [{"start": 0, "end": 1}]}},
+    )
+    assert ids.status_code == 400
+    assert ids.json()["error"]["param"] == "attention"
