@@ -103,15 +103,25 @@ class Settings(BaseSettings):
             raise ValueError("must be one of critical, error, warning, info, debug")
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> Settings:
-        if self.model != BUNDLED_MODEL and not Path(self.model).is_dir():
+    @field_validator("model")
+    @classmethod
+    def _model_dir(cls, value: str) -> str:
+        if value != BUNDLED_MODEL and not Path(value).is_dir():
             raise ValueError(
-                f"model {self.model!r} is not a directory; give a local Hugging Face model directory or "
+                f"{value!r} is not a directory; give a local Hugging Face model directory or "
                 f"'{BUNDLED_MODEL}' (hub downloads are off)"
             )
-        if self.adapter not in {SHIPPED_ADAPTER, NO_ADAPTER} and not Path(self.adapter).is_dir():
-            raise ValueError(f"adapter {self.adapter!r} is not a directory (or use 'none')")
+        return value
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_dir(cls, value: str) -> str:
+        if value not in {SHIPPED_ADAPTER, NO_ADAPTER} and not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not a directory (or use '{SHIPPED_ADAPTER}' or '{NO_ADAPTER}')")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
         return self
