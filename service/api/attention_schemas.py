@@ -43,6 +43,12 @@ class EmphasisSpec(BaseModel):
 
     spans: list[CharSpan] = Field(min_length=1, max_length=MAX_SPANS)
     factor: float = Field(3.0, gt=0.0, le=1000.0, description="Attention to the spans grows by this factor.")
+    layers: list[int] | None = Field(
+        None, min_length=1, max_length=1024, description="Only on these layers (0-based); default: all layers."
+    )
+    heads: list[int] | None = Field(
+        None, min_length=1, max_length=1024, description="Only on these attention heads (0-based); default: all."
+    )
 
 
 class AttentionSpec(BaseModel):
@@ -61,12 +67,21 @@ class AttentionSpec(BaseModel):
         message_starts: Sequence[tuple[int, int]] | None = None,
         *,
         last_token_reads: bool = True,
+        dims: tuple[int, int] | None = None,
     ) -> AttentionConstraints:
         """Map and validate; any problem -> InvalidRequest naming the span (``attention.exclude[1]``).
 
         ``message_starts`` holds, per chat message, where its content starts in the rendered prompt and its
-        length; spans with ``message`` are shifted by it.
+        length; spans with ``message`` are shifted by it. ``dims`` (layers, heads) bounds emphasis on chosen
+        layers/heads; None: the model cannot do that (its attention does not run service/engine/steering.py).
         """
+        emphasis = self.emphasis
+        if emphasis is not None and dims is None and (emphasis.layers is not None or emphasis.heads is not None):
+            raise InvalidRequest(
+                "this model's attention cannot be steered on chosen layers or heads; leave out 'layers' and "
+                "'heads' to emphasize on all of them",
+                param="attention.emphasis",
+            )
 
         def tokens(span: CharSpan, param: str) -> TokenSpan:
             start, end, limit = span.start, span.end, text_len
@@ -93,9 +108,14 @@ class AttentionSpec(BaseModel):
                 emphasis=tuple(tokens(s, f"attention.emphasis.spans[{i}]") for i, s in enumerate(self.emphasis.spans))
                 if self.emphasis
                 else (),
-                emphasis_factor=self.emphasis.factor if self.emphasis else 1.0,
+                emphasis_factor=emphasis.factor if emphasis else 1.0,
+                emphasis_layers=tuple(emphasis.layers) if emphasis and emphasis.layers is not None else None,
+                emphasis_heads=tuple(emphasis.heads) if emphasis and emphasis.heads is not None else None,
             )
-            validate_constraints(len(offsets), constraints, last_token_reads=last_token_reads)
+            n_layers, n_heads = dims if dims is not None else (None, None)
+            validate_constraints(
+                len(offsets), constraints, last_token_reads=last_token_reads, n_layers=n_layers, n_heads=n_heads
+            )
         except SpanError as exc:
             raise InvalidRequest(
                 exc.message if exc.message.startswith(exc.param) else str(exc), param=exc.param

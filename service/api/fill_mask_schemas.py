@@ -11,14 +11,25 @@ Both name the offending ``param``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
+from service.api.attention_schemas import AttentionSpec
 from service.config import Settings
-from service.engine.fill_mask import AppliedMask, FillCandidate, FillMaskCodec, FillMaskJob, FillMaskResult
+from service.engine.fill_mask import (
+    AppliedMask,
+    FillCandidate,
+    FillInput,
+    FillMaskCodec,
+    FillMaskJob,
+    FillMaskResult,
+)
 from service.errors import InvalidRequest
+from service.masks.attention import SpanError
+from service.masks.fill import check_fill_constraints
 
 
 class FillMaskParameters(BaseModel):
@@ -63,6 +74,11 @@ class FillMaskRequest(BaseModel):
         False,
         description="Answer {'results': <the usual answer>, 'masks': <every applied mask>} instead (an extension).",
     )
+    attention: AttentionSpec | None = Field(
+        None,
+        description="What the model may attend to: character spans of 'inputs' (a single text), which must "
+        "not exclude a mask (docs/masks.md; an extension).",
+    )
 
     @field_validator("inputs", mode="before")
     @classmethod
@@ -103,7 +119,14 @@ class FillMaskRequest(BaseModel):
             )
         batched = isinstance(self.inputs, list)
         texts = self.inputs if isinstance(self.inputs, list) else [self.inputs]
+        if self.attention is not None and batched:
+            raise InvalidRequest(
+                "attention spans are character ranges of one text; send 'inputs' as a single string",
+                param="attention",
+            )
         inputs = [codec.encode(t, f"inputs[{i}]" if batched else "inputs") for i, t in enumerate(texts)]
+        if self.attention is not None:
+            inputs = [constrain(inputs[0], self.attention, codec)]
         targets = None
         if p.targets is not None:
             if not p.targets:
@@ -143,6 +166,18 @@ class FillMaskRequest(BaseModel):
         )
         job.applied_masks = applied_masks(job, codec)
         return job
+
+
+def constrain(inp: FillInput, spec: AttentionSpec, codec: FillMaskCodec) -> FillInput:
+    """The input with its attention constraints, mapped to tokens and checked (InvalidRequest names the span)."""
+    if not inp.offsets:
+        raise InvalidRequest("this model's tokenizer gives no character offsets to map spans on", param="attention")
+    constraints = spec.to_constraints(inp.offsets, len(inp.text), last_token_reads=False, dims=codec.attention_dims)
+    try:
+        check_fill_constraints(constraints, [s.index for s in inp.slots], mntp=codec.mntp)
+    except SpanError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from None
+    return replace(inp, attention=None if constraints.empty else constraints)
 
 
 def applied_masks(job: FillMaskJob, codec: FillMaskCodec) -> list[AppliedMask]:
@@ -227,6 +262,13 @@ FILL_MASK_EXAMPLES: dict[str, Any] = {
     "targets": {
         "summary": "Score given words (multi-token words scored jointly)",
         "value": {"inputs": "[MASK] is the largest planet.", "parameters": {"targets": ["Jupiter", "Mars"]}},
+    },
+    "attention": {
+        "summary": "Read around a passage: exclude the first sentence (characters 0..27)",
+        "value": {
+            "inputs": "The note says it is Monday. Today is [MASK], the day after Sunday.",
+            "attention": {"exclude": [{"start": 0, "end": 27}]},
+        },
     },
     "whole word": {
         "summary": "Whole-word fills of up to 4 sub-tokens",

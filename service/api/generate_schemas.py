@@ -123,8 +123,13 @@ def encode_prompt(
         text = prompt or ""
         ids, offsets = gen.encode(text, param, chat=False)
         starts = None
-    constraints = attention.to_constraints(offsets, len(text), starts) if attention else AttentionConstraints()
-    return EncodedPrompt(text, ids, offsets, constraints, request_attention(len(ids), constraints, torch.float32))
+    dims = gen.loaded.attention_dims if gen.loaded.steerable else None
+    constraints = (
+        attention.to_constraints(offsets, len(text), starts, dims=dims) if attention else AttentionConstraints()
+    )
+    n_layers, n_heads = gen.loaded.attention_dims
+    request = request_attention(len(ids), constraints, torch.float32, n_layers=n_layers, n_heads=n_heads)
+    return EncodedPrompt(text, ids, offsets, constraints, request)
 
 
 def make_job(

@@ -8,7 +8,7 @@ loop recorded.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
 
@@ -16,7 +16,13 @@ import torch
 
 from service.engine.fill_mask import FillMaskJob
 from service.engine.generate import GenerationJob, GenerationResult
-from service.masks.attention import AttentionConstraints, TokenSpan, causal_mask
+from service.masks.attention import (
+    AttentionConstraints,
+    TokenSpan,
+    bidirectional_mask,
+    causal_mask,
+    request_attention,
+)
 from service.masks.inspect import run_length_rows
 
 DENSE_LIMIT = 512
@@ -39,6 +45,8 @@ def constraints_report(c: AttentionConstraints) -> dict[str, Any]:
         "restart_positions": c.restart_positions,
         "emphasis": _spans(c.emphasis),
         "emphasis_factor": c.emphasis_factor,
+        "emphasis_layers": list(c.emphasis_layers) if c.emphasis_layers is not None else None,
+        "emphasis_heads": list(c.emphasis_heads) if c.emphasis_heads is not None else None,
     }
 
 
@@ -124,20 +132,29 @@ def fill_mask_report(
     inputs = []
     for fi in job.inputs:
         n = len(fi.ids)
-        structure = torch.ones(n, n, dtype=torch.bool)  # (T, T) bidirectional; padding is not part of a request
+        constraints = fi.attention or AttentionConstraints()
+        # the same builder the forward uses (service/masks/fill.py); padding is not part of a request
+        att = request_attention(n, constraints, torch.float32, causal=False)
+        structure = att.structure if att is not None and att.structure is not None else bidirectional_mask(n)
+        positions = att.positions if att is not None and att.positions is not None else torch.arange(n)
+        offsets: Sequence[tuple[int | None, int | None]] = fi.offsets or [(None, None)] * n  # slow tokenizer
         inputs.append(
             {
                 "text": fi.text,
-                "tokens": [{"index": i, "id": t, "text": decode([t])} for i, t in enumerate(fi.ids)],
+                "tokens": [
+                    {"index": i, "id": t, "text": decode([t]), "start": a, "end": b}
+                    for i, (t, (a, b)) in enumerate(zip(fi.ids, offsets, strict=True))
+                ],
                 "input": {"masked": [{"index": s.index, "token": mask_token, "written": s.written} for s in fi.slots]},
                 "attention": attention_report(
-                    structure,
+                    structure,  # (T, T)
                     "bidirectional",
-                    torch.arange(n),
+                    positions,  # (T,)
                     dense=dense,
                     # MNTP reads the prediction for position i from the output at i-1 (LLM2Vec)
                     read_offset=-1 if mntp else 0,
-                    constraints=constraints_report(AttentionConstraints()),
+                    key_bias=att.key_bias.tolist() if att is not None and att.key_bias is not None else None,
+                    constraints=constraints_report(constraints),
                 ),
             }
         )

@@ -42,8 +42,10 @@ from torch import Tensor
 from service import metrics
 from service.config import Settings
 from service.engine.loading import UNIVERSAL_MASK, LoadedModel, ModelKind, read_adapter_meta
+from service.engine.steering import AttentionProbe
 from service.errors import InvalidRequest, NotReady, Overloaded, RequestTimeout
-from service.masks.fill import expand_mask, fill_attention, read_position, restrict_vocab
+from service.masks.attention import AttentionConstraints
+from service.masks.fill import expand_mask, fill_attention, read_position, restrict_vocab, widen_constraints
 
 log = logging.getLogger("maskserve.fill_mask")
 
@@ -121,6 +123,9 @@ class FillInput:
     text: str
     ids: tuple[int, ...]
     slots: tuple[MaskSlot, ...]
+    offsets: tuple[tuple[int, int], ...] = ()  # each token's characters in ``text`` ((0, 0): special tokens);
+    # empty with a slow tokenizer (no offsets: no attention spans)
+    attention: AttentionConstraints | None = None  # in token positions of ``ids``
 
 
 @dataclass(frozen=True)
@@ -144,11 +149,8 @@ class AppliedMask:
 
 @dataclass
 class FillMaskJob:
-    """Engine input: encoded texts and what to predict. ``applied_masks`` records every mask used.
-
-    Attention constraints (a later issue) add an attention spec here; the worker combines it with the
-    bidirectional structure in ``service/masks``.
-    """
+    """Engine input: encoded texts (with their attention constraints) and what to predict.
+    ``applied_masks`` records every mask used."""
 
     inputs: list[FillInput]
     top_k: int
@@ -204,6 +206,7 @@ class FillMaskCodec:
         self.max_length = model.max_length
         self.max_masks = settings.max_masks_per_input
         self.specials = special_ids(self.tokenizer)
+        self.attention_dims = model.attention_dims if model.steerable else None  # emphasis on chosen layers
         self.vocab = word_pieces(self.tokenizer, model.vocab_size)
         self.placeholders = tuple(dict.fromkeys([UNIVERSAL_MASK, self.mask_token]))
         # Spaces before a placeholder belong to the masked word: BPE writes " dog" as one sub-token "Ġdog",
@@ -221,17 +224,27 @@ class FillMaskCodec:
         return f"write {UNIVERSAL_MASK}{own} where the word to predict goes"
 
     def encode(self, text: str, param: str) -> FillInput:
+        """Placeholders -> the model's mask token, then token ids and (fast tokenizers) each token's
+        characters in ``text`` as the client wrote it (for attention spans and inspection)."""
         if not text.strip():
             raise InvalidRequest(f"'{param}' is empty; {self.placeholder_hint()}", param=param)
         spaced: list[bool] = []
         written: list[str] = []
-
-        def swap(m: re.Match[str]) -> str:
+        chunks: list[str] = []
+        starts: list[int] = []  # per character of the masked text: where it came from in ``text``
+        ends: list[int] = []
+        pos = 0
+        for m in self._placeholder.finditer(text):
             spaced.append(bool(m.group(1)) and m.start() > 0)
             written.append(m.group(2))
-            return self.mask_token
-
-        masked_text = self._placeholder.sub(swap, text)
+            chunks += [text[pos : m.start()], self.mask_token]  # the spaces before a placeholder go with it
+            starts += [*range(pos, m.start()), *[m.start(2)] * len(self.mask_token)]
+            ends += [*range(pos + 1, m.start() + 1), *[m.end()] * len(self.mask_token)]
+            pos = m.end()
+        chunks.append(text[pos:])
+        starts += range(pos, len(text))
+        ends += range(pos + 1, len(text) + 1)
+        masked_text = "".join(chunks)
         if not spaced:
             raise InvalidRequest(f"'{param}' has no mask; {self.placeholder_hint()}", param=param)
         if len(spaced) > self.max_masks:
@@ -241,9 +254,15 @@ class FillMaskCodec:
                 param=param,
             )
         # verbose=False: an over-long input is our 400 below, not a tokenizer warning in the log
-        ids = list(self.tokenizer(masked_text, add_special_tokens=not self.mntp, verbose=False)["input_ids"])
+        offsets = bool(getattr(self.tokenizer, "is_fast", False))
+        enc = self.tokenizer(
+            masked_text, add_special_tokens=not self.mntp, verbose=False, return_offsets_mapping=offsets
+        )
+        ids = list(enc["input_ids"])
+        spans = [(starts[a], ends[b - 1]) if b > a else (0, 0) for a, b in enc["offset_mapping"]] if offsets else []
         if self.mntp and self.prefix_id is not None:
             ids = [self.prefix_id, *ids]
+            spans = [(0, 0), *spans] if offsets else []
         if len(ids) > self.max_length:
             raise InvalidRequest(
                 f"'{param}' is {len(ids)} tokens long; the model takes at most {self.max_length}", param=param
@@ -257,7 +276,7 @@ class FillMaskCodec:
                 param=param,
             )
         slots = tuple(MaskSlot(i, s, w) for i, s, w in zip(where, spaced, written, strict=True))
-        return FillInput(text, tuple(ids), slots)
+        return FillInput(text, tuple(ids), slots, tuple(spans))
 
     def encode_target(self, word: str, param: str, max_pieces: int) -> Target:
         text = word.strip()
@@ -309,10 +328,20 @@ class FillMaskCodec:
 
 @dataclass(frozen=True)
 class Row:
-    """One sequence to forward, and where to read predictions (already shifted for MNTP)."""
+    """One sequence to forward, where to read predictions (already shifted for MNTP), and its attention
+    constraints in its own token positions."""
 
     ids: tuple[int, ...]
     reads: tuple[int, ...]
+    attention: AttentionConstraints | None = None
+
+
+def widened_row(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, filled: Sequence[int], n_masks: int) -> Row:
+    """The input with ``slot``'s mask replaced by ``filled`` + ``n_masks`` masks, read at the next one."""
+    ids = expand_mask(inp.ids, slot.index, filled, n_masks, codec.mask_id)
+    extra = len(filled) + n_masks - 1
+    attention = widen_constraints(inp.attention, slot.index, extra) if inp.attention is not None else None
+    return Row(tuple(ids), (codec.read(slot.index + len(filled)),), attention)
 
 
 # A search yields the rows it needs, receives one (len(reads), V) log-probability tensor per row, and
@@ -321,7 +350,7 @@ Search = Generator[list[Row], list[Tensor], Any]
 
 
 def top_tokens(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, k: int) -> Search:
-    (logp,) = yield [Row(inp.ids, (codec.read(slot.index),))]
+    (logp,) = yield [Row(inp.ids, (codec.read(slot.index),), inp.attention)]
     top = restrict_vocab(logp, codec.vocab.real)[0].topk(min(k, logp.shape[-1]))  # (k,)
     return [
         Candidate((int(i),), math.exp(float(v)))
@@ -335,8 +364,7 @@ def score_targets(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, targets:
     for target in targets:
         pieces = target.pieces(slot)
         for j in range(len(pieces)):  # step j: pieces before j filled in, the rest still masked
-            ids = expand_mask(inp.ids, slot.index, pieces[:j], len(pieces) - j, codec.mask_id)
-            rows.append(Row(tuple(ids), (codec.read(slot.index + j),)))
+            rows.append(widened_row(codec, inp, slot, pieces[:j], len(pieces) - j))
     outs = iter((yield rows))
     scored = []
     for target in targets:
@@ -355,11 +383,7 @@ def whole_words(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, k: int, ma
         live = {n: b for n, b in beams.items() if n > j and b}
         if not live:
             break
-        rows = [
-            Row(tuple(expand_mask(inp.ids, slot.index, fill, n - j, codec.mask_id)), (codec.read(slot.index + j),))
-            for n, b in live.items()
-            for fill, _ in b
-        ]
+        rows = [widened_row(codec, inp, slot, fill, n - j) for n, b in live.items() for fill, _ in b]
         outs = iter((yield rows))
         allowed = first if j == 0 else codec.vocab.cont
         for n, b in live.items():
@@ -424,11 +448,14 @@ def job_search(job: FillMaskJob, codec: FillMaskCodec) -> Generator[list[Row], l
 ForwardFn = Callable[[Sequence[Row]], list[Tensor]]
 
 
-def forward_rows(model: LoadedModel, rows: Sequence[Row], *, head_only: bool = True) -> list[Tensor]:
+def forward_rows(
+    model: LoadedModel, rows: Sequence[Row], *, head_only: bool = True, probe: AttentionProbe | None = None
+) -> list[Tensor]:
     """One right-padded forward; per row, float32 log-probabilities (len(reads), V) on the CPU.
 
     Decoders run the head on the read positions only (``head_only``): the LM head is a large share of a small
-    model's FLOPs (SmolLM2: 57 of ~270 MFLOP a token) and only a few positions are read.
+    model's FLOPs (SmolLM2: 57 of ~270 MFLOP a token) and only a few positions are read. ``probe`` records
+    the attention weights of row 0 (inspection).
     """
     net = model.fill_mask_model
     assert net is not None
@@ -436,27 +463,51 @@ def forward_rows(model: LoadedModel, rows: Sequence[Row], *, head_only: bool = T
     width = max(lengths)
     pad = int(model.tokenizer.pad_token_id or 0)
     ids = torch.tensor([[*r.ids, *[pad] * (width - len(r.ids))] for r in rows], device=model.device)  # (B, S)
-    masks = fill_attention(lengths, model.dtype, model.device)
+    dims = model.attention_dims if model.steerable else (0, 0)
+    masks = fill_attention(lengths, model.dtype, model.device, [r.attention for r in rows], dims)
+    steer: dict[str, Any] = {"scoped_bias": masks.scoped_bias} if masks.scoped_bias is not None else {}
+    if probe is not None:
+        steer["attention_probe"] = probe
     b_idx = torch.tensor([b for b, r in enumerate(rows) for _ in r.reads], device=model.device)  # (R,)
     t_idx = torch.tensor([t for r in rows for t in r.reads], device=model.device)  # (R,)
     with torch.inference_mode():
         if model.kind is ModelKind.DECODER:
             if head_only:
                 body = net.base_model(
-                    input_ids=ids, attention_mask=masks.attention, position_ids=masks.position_ids, use_cache=False
-                )
+                    input_ids=ids, attention_mask=masks.attention, position_ids=masks.position_ids, use_cache=False,
+                    **steer,
+                )  # fmt: skip
                 logits = net.get_output_embeddings()(body.last_hidden_state[b_idx, t_idx])  # (R, V)
             else:
                 out = net(
-                    input_ids=ids, attention_mask=masks.attention, position_ids=masks.position_ids, use_cache=False
-                )
+                    input_ids=ids, attention_mask=masks.attention, position_ids=masks.position_ids, use_cache=False,
+                    **steer,
+                )  # fmt: skip
                 logits = out.logits[b_idx, t_idx]  # (R, V)
         else:
             # Encoders keep their own position ids: under right padding a real token's position does not
-            # depend on the batch, and some (RoBERTa) offset positions past padding_idx.
-            logits = net(input_ids=ids, attention_mask=masks.attention).logits[b_idx, t_idx]  # (R, V)
+            # depend on the batch. Only restarted positions (isolate) are passed, shifted past padding_idx
+            # for the encoders (RoBERTa) whose positions start there.
+            if masks.restarted:
+                steer["position_ids"] = masks.position_ids + encoder_position_offset(net)
+            logits = net(input_ids=ids, attention_mask=masks.attention, **steer).logits[b_idx, t_idx]  # (R, V)
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (R, V)
     return list(logp.split([len(r.reads) for r in rows]))
+
+
+def fill_attention_weights(model: LoadedModel, inp: FillInput, lock: threading.Lock) -> dict[int, Tensor]:
+    """Per layer, the attention weights (mean over heads) of the input read as fill-mask reads it.  # (T, T)"""
+    probe = AttentionProbe()
+    read = read_position(inp.slots[0].index, mntp=model.mntp)  # any read position: only the weights are kept
+    with lock:
+        forward_rows(model, [Row(inp.ids, (read,), inp.attention)], probe=probe)
+    return probe.layers
+
+
+def encoder_position_offset(net: Any) -> int:
+    """Where an encoder's position ids start: ``padding_idx + 1`` for RoBERTa-style embeddings, else 0."""
+    padding_idx = getattr(getattr(net.base_model, "embeddings", None), "padding_idx", None)
+    return padding_idx + 1 if isinstance(padding_idx, int) else 0
 
 
 def head_only_matches(model: LoadedModel) -> bool:
@@ -620,6 +671,8 @@ class FillMaskWorker:
             if p.search is None:
                 for mask in p.job.applied_masks:
                     metrics.MASKS_APPLIED.labels(mask.kind).inc()
+                for kind in {k for inp in p.job.inputs if inp.attention is not None for k in inp.attention.kinds}:
+                    metrics.MASKS_APPLIED.labels(f"attention_{kind}").inc()
                 p.search = job_search(p.job, self.codec)
                 self._advance(p, None)
         live = [p for p in active if not p.finished]

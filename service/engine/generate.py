@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from service.engine.kv_cache import BatchKVCache
+from service.engine.steering import AttentionProbe
 from service.engine.text import TextTracker
 from service.engine.vocab import ModelVocab
-from service.masks.attention import DecodeMask, RequestAttention, prefill_attention
+from service.masks.attention import DecodeMask, RequestAttention, ScopedBias, prefill_attention
 from service.masks.output import (
     CompiledOutputMask,
     OutputMaskSpec,
@@ -204,13 +205,13 @@ class DecodeBatch:
     def add(self, seqs: Sequence[RunningRequest]) -> list[RunningRequest]:
         """Prefill ``seqs`` in one forward and join the ones still running; returns those already finished."""
         attn = [s.attention for s in seqs]
-        mask4, positions = prefill_attention(attn, dtype=self.dtype, device=self.device)  # (B,1,T,T), (B,T)
+        mask4, positions, scoped = prefill_attention(attn, dtype=self.dtype, device=self.device)  # (B,1,T,T), (B,T)
         width = positions.shape[1]
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)  # (B, T)
         for b, s in enumerate(seqs):
             ids[b, width - len(s.job.prompt_ids) :] = torch.tensor(s.job.prompt_ids, device=self.device)
         cache = BatchKVCache(self.num_layers)
-        logits = self._forward(ids, mask4, positions, cache)
+        logits = self._forward(ids, mask4, positions, cache, scoped)
         chosen = self._choose(logits, seqs)
         keep = [b for b, s in enumerate(seqs) if not s.finished]
         done = [s for s in seqs if s.finished]
@@ -238,7 +239,9 @@ class DecodeBatch:
         assert self.mask is not None
         assert self.cache is not None
         mask = self.mask.extend()
-        logits = self._forward(self.next_tokens[:, None], mask.to_4d(self.dtype), self.positions[:, None], self.cache)
+        logits = self._forward(
+            self.next_tokens[:, None], mask.to_4d(self.dtype), self.positions[:, None], self.cache, mask.scoped_bias()
+        )
         self.mask = mask
         self.next_tokens = self._choose(logits, self.rows)
         self.positions = self.positions + 1
@@ -270,12 +273,18 @@ class DecodeBatch:
 
     # --- internals --------------------------------------------------------------------------------------------
 
-    def _forward(self, ids: Tensor, mask: Tensor, positions: Tensor, cache: BatchKVCache) -> Tensor:
-        """Last-position logits.  ids (B, T), mask (B, 1, T, S), positions (B, T) -> (B, V) float32"""
+    def _forward(
+        self, ids: Tensor, mask: Tensor, positions: Tensor, cache: BatchKVCache, scoped: ScopedBias | None
+    ) -> Tensor:
+        """Last-position logits.  ids (B, T), mask (B, 1, T, S), positions (B, T) -> (B, V) float32
+
+        ``scoped`` (emphasis on chosen layers/heads) reaches service/engine/steering.py as a forward kwarg.
+        """
+        extra = {"scoped_bias": scoped} if scoped is not None else {}
         with self.lock:
             out = self.model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=1, **extra,
             )  # fmt: skip
         return out.logits[:, -1].float()
 
@@ -335,6 +344,24 @@ class DecodeBatch:
             s.text.finish()
         if s.job.stream:
             s.emit(TokenEvent(len(s.generated) - 1, info, s.text.take_safe()))
+
+
+@torch.inference_mode()
+def prompt_attention_weights(
+    model: Any, ids: Sequence[int], attention: RequestAttention | None, lock: threading.Lock
+) -> dict[int, Tensor]:
+    """Per layer, the attention weights (mean over heads) of the prompt as the prefill reads it.  # (T, T)"""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    mask, positions, scoped = prefill_attention([attention or RequestAttention(len(ids))], dtype=dtype, device=device)
+    probe = AttentionProbe()
+    extra: dict[str, Any] = {"attention_probe": probe, **({"scoped_bias": scoped} if scoped is not None else {})}
+    with lock:
+        model(
+            input_ids=torch.tensor([list(ids)], device=device), attention_mask=mask, position_ids=positions,
+            use_cache=False, logits_to_keep=1, **extra,
+        )  # fmt: skip
+    return probe.layers
 
 
 def _penalize_repetition(row: Tensor, seen: list[int], penalty: float) -> None:

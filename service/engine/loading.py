@@ -39,6 +39,7 @@ from transformers import (  # noqa: E402
 )
 
 from service.config import BUNDLED_MODEL, NO_ADAPTER, SHIPPED_ADAPTER, ConfigError, Device, DType, Settings
+from service.engine.steering import enable_steering
 
 log = logging.getLogger("maskserve.loading")
 
@@ -85,6 +86,14 @@ class LoadedModel:
     adapter: str | None
     adapter_objective: AdapterObjective | None
     load_seconds: float = 0.0
+    steerable: bool = False  # attention runs service/engine/steering.py: emphasis may pick layers/heads
+
+    @property
+    def attention_dims(self) -> tuple[int, int]:
+        """(layers, attention heads): what emphasis on chosen layers/heads may name."""
+        model = self.generation_model or self.fill_mask_model
+        assert model is not None
+        return int(model.config.num_hidden_layers), int(model.config.num_attention_heads)
 
     @property
     def mntp(self) -> bool:
@@ -261,6 +270,7 @@ def load_model(settings: Settings) -> LoadedModel:
         adapter=str(adapter_dir) if adapter_dir else None,
         adapter_objective=objective,
     )
+    loaded.steerable = all(enable_steering(m) for m in {id(m): m for m in (fill, gen) if m is not None}.values())
     loaded.load_seconds = time.perf_counter() - started
     log.info("loaded %s (%s, %s, %s) in %.1f s", name, kind, device, dtype, loaded.load_seconds)
     return loaded

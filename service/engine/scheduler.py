@@ -196,6 +196,8 @@ class GenerationScheduler:
             self._cv.notify_all()
         for kind in mask.kinds if mask else ():
             MASKS_APPLIED.labels(kind).inc()
+        for kind in job.attention.kinds if job.attention else ():
+            MASKS_APPLIED.labels(f"attention_{kind}").inc()
         return handle
 
     def _refuse_if_full(self) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -156,7 +156,14 @@ class AttentionConstraints:
 
     @property
     def empty(self) -> bool:
-        return not (self.exclude or self.isolate or (self.emphasis and self.emphasis_factor != 1.0))
+        return not self.kinds
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The constraints that change anything (for metrics and reports)."""
+        on = {"exclude": bool(self.exclude), "isolate": bool(self.isolate),
+              "emphasis": bool(self.emphasis) and self.emphasis_factor != 1.0}  # fmt: skip
+        return tuple(k for k, v in on.items() if v)
 
 
 def _span_flags(n: int, spans: Sequence[TokenSpan], device: torch.device | None = None) -> Tensor:
@@ -251,9 +258,17 @@ def emphasis_key_bias(
     return bias.masked_fill(flags, 0.0)
 
 
-def validate_constraints(n: int, constraints: AttentionConstraints, *, last_token_reads: bool = True) -> None:
-    """Raise SpanError naming the span for out-of-range, empty or overlapping spans, and for spans that would
-    cut the token that produces the output off from its own input."""
+def validate_constraints(
+    n: int,
+    constraints: AttentionConstraints,
+    *,
+    last_token_reads: bool = True,
+    n_layers: int | None = None,
+    n_heads: int | None = None,
+) -> None:
+    """Raise SpanError naming the span for out-of-range, empty or overlapping spans, for spans that would
+    cut the token that produces the output off from its own input, and for emphasis layers/heads the model
+    (``n_layers`` x ``n_heads``, when given) does not have."""
     groups = (
         ("exclude", constraints.exclude),
         ("isolate.segments", constraints.isolate),
@@ -280,6 +295,31 @@ def validate_constraints(n: int, constraints: AttentionConstraints, *, last_toke
         raise SpanError("attention.isolate.segments", "needs at least two segments to isolate from each other")
     if constraints.emphasis and not constraints.emphasis_factor > 0:
         raise SpanError("attention.emphasis.factor", "must be > 0")
+    for name, chosen, limit in (
+        ("layers", constraints.emphasis_layers, n_layers),
+        ("heads", constraints.emphasis_heads, n_heads),
+    ):
+        if chosen is None or limit is None:
+            continue
+        if not chosen:
+            raise SpanError(f"attention.emphasis.{name}", "is empty; leave it out to emphasize on all")
+        for i, index in enumerate(chosen):
+            if not 0 <= index < limit:
+                raise SpanError(
+                    f"attention.emphasis.{name}[{i}]", f"the model has {limit} {name} (0..{limit - 1}); got {index}"
+                )
+
+
+def emphasis_scope(constraints: AttentionConstraints, n_layers: int, n_heads: int) -> Tensor | None:
+    """Where emphasis applies: (L, H) bool, True on the chosen layers x heads; None when it applies on all
+    (then the bias rides in the 4D mask every layer shares, and no custom attention function is needed)."""
+    if constraints.emphasis_layers is None and constraints.emphasis_heads is None:
+        return None
+    layers = torch.zeros(n_layers, dtype=torch.bool)  # (L,)
+    heads = torch.zeros(n_heads, dtype=torch.bool)  # (H,)
+    layers[list(constraints.emphasis_layers) if constraints.emphasis_layers is not None else slice(None)] = True
+    heads[list(constraints.emphasis_heads) if constraints.emphasis_heads is not None else slice(None)] = True
+    return layers[:, None] & heads[None, :]  # (L, H)
 
 
 # --- continuous batching: prefill and decode masks for a batch of requests ------------------------------------
@@ -297,7 +337,9 @@ class RequestAttention:
     - ``structure`` (T, T) bool: which prompt keys each prompt query may attend (its prefill);
     - ``decode_keys`` (T,) bool: which prompt keys every generated token may attend;
     - ``key_bias`` (T,) float: an additive bias on the prompt's keys, for prompt and generated queries alike;
-    - ``positions`` (T,) long: the prompt's position ids (default ``0..T-1``).
+    - ``positions`` (T,) long: the prompt's position ids (default ``0..T-1``);
+    - ``bias_scope`` (L, H) bool: the layers x heads ``key_bias`` applies on (default: all of them);
+    - ``kinds``: the constraints behind it (``exclude``, ``isolate``, ``emphasis``), for metrics.
     """
 
     length: int
@@ -305,6 +347,8 @@ class RequestAttention:
     decode_keys: Tensor | None = None
     key_bias: Tensor | None = None
     positions: Tensor | None = None
+    bias_scope: Tensor | None = None
+    kinds: tuple[str, ...] = ()
 
     def next_position(self) -> int:
         """Position of the first generated token: one past the largest prompt position."""
@@ -320,6 +364,14 @@ def _left_pad_rows(values: Sequence[Tensor], width: int, fill: float | bool | in
     return out
 
 
+def _pad_left(x: Tensor, width: int, fill: float | bool) -> Tensor:
+    """(B, S) -> (B, width), new columns on the left filled with ``fill``."""
+    if x.shape[1] == width:
+        return x
+    pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype, device=x.device)  # (B, width - S)
+    return torch.cat([pad, x], dim=1)  # (B, width)
+
+
 def _as_mask(keys: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     """Bool mask as it is, or, with a bias, additive: the bias where attended, dtype's min where blocked."""
     if bias is None:
@@ -328,13 +380,58 @@ def _as_mask(keys: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
     return torch.where(keys, bias.to(dtype), blocked)
 
 
+@dataclass(frozen=True)
+class ScopedBias:
+    """A key bias that applies only on some layers and heads (emphasis on chosen layers/heads).
+
+    One 4D mask is shared by every layer, so such a bias cannot ride in it: the engine's attention function
+    (service/engine/steering.py) adds :meth:`for_layer` to the mask inside each layer.
+    ``bias`` (B, S) float: additive per key; ``scope`` (B, L, H) bool: row b's bias applies on layer l, head h.
+    """
+
+    bias: Tensor
+    scope: Tensor
+
+    def for_layer(self, layer: int) -> Tensor | None:
+        """The bias one layer adds to its attention scores, None where no row has it.  # -> (B, H, 1, S)"""
+        on = self.scope[:, layer, :]  # (B, H)
+        if not bool(on.any()):
+            return None
+        return self.bias[:, None, None, :] * on[:, :, None, None].to(self.bias.dtype)  # (B, H, 1, S)
+
+
+def _row_scopes(rows: Sequence[RequestAttention]) -> Tensor | None:
+    """Per row, where its key bias applies: (B, L, H) bool, or None when every row's applies everywhere.
+    Rows without a scope (or without a bias: theirs is 0) get all True."""
+    scoped = [r.bias_scope for r in rows if r.bias_scope is not None]
+    if not scoped:
+        return None
+    every = torch.ones_like(scoped[0])  # (L, H)
+    return torch.stack([r.bias_scope if r.bias_scope is not None else every for r in rows])  # (B, L, H)
+
+
+def _row_biases(
+    rows: Sequence[RequestAttention], width: int, dtype: torch.dtype, device: torch.device | None
+) -> Tensor:
+    """Every row's key bias, right-aligned in ``width`` columns, 0 where a row has none.  # -> (B, width)"""
+    zeros = torch.zeros(width, dtype=dtype, device=device)
+    return _left_pad_rows([r.key_bias if r.key_bias is not None else zeros[: r.length] for r in rows], width, 0.0,
+                          zeros)  # fmt: skip
+
+
+class PrefillMasks(NamedTuple):
+    mask: Tensor  # (B, 1, T, T) bool, or additive float when a row has a key bias
+    positions: Tensor  # (B, T) long, 0 on padding
+    scoped_bias: ScopedBias | None  # a key bias on chosen layers/heads only (not in ``mask``)
+
+
 def prefill_attention(
     rows: Sequence[RequestAttention], *, dtype: torch.dtype, device: torch.device | None = None
-) -> tuple[Tensor, Tensor]:
-    """Masks for prefilling several prompts in one left-padded forward.
+) -> PrefillMasks:
+    """Masks for prefilling several prompts in one left-padded forward, ``T`` being the longest prompt.
 
-    Returns ``(mask, position_ids)``: mask ``(B, 1, T, T)`` (bool, or additive ``dtype`` when a row has a key
-    bias) and position ids ``(B, T)`` (0 on padding), where ``T`` is the longest prompt.
+    A key bias on all layers is added to the mask; once any row scopes its bias to chosen layers/heads, every
+    row's bias moves to ``scoped_bias`` and the mask stays free of it.
     """
     if not rows:
         raise ValueError("no rows to prefill")
@@ -352,11 +449,12 @@ def prefill_attention(
         positions[b, start:] = own
     mask = to_4d(key_mask, structure)  # (B, 1, T, T)
     if all(r.key_bias is None for r in rows):
-        return mask, positions
-    zeros = torch.zeros(width, dtype=dtype, device=device)
-    bias = _left_pad_rows([r.key_bias if r.key_bias is not None else zeros[: r.length] for r in rows], width, 0.0,
-                          zeros)  # fmt: skip  # (B, T)
-    return _as_mask(mask, bias[:, None, None, :], dtype), positions  # (B, 1, T, T)
+        return PrefillMasks(mask, positions, None)
+    bias = _row_biases(rows, width, dtype, device)  # (B, T)
+    scope = _row_scopes(rows)
+    if scope is None:
+        return PrefillMasks(_as_mask(mask, bias[:, None, None, :], dtype), positions, None)  # (B, 1, T, T)
+    return PrefillMasks(to_additive(mask, dtype), positions, ScopedBias(bias, scope.to(device)))
 
 
 @dataclass(frozen=True)
@@ -364,12 +462,14 @@ class DecodeMask:
     """Which cached keys each row of a running batch may attend, as the batch changes step by step.
 
     ``keys`` (B, S) bool: row b may attend column s (left padding and excluded keys are False);
-    ``bias`` (B, S) float or None: additive bias per key (None when no row has one).
+    ``bias`` (B, S) float or None: additive bias per key (None when no row has one);
+    ``scope`` (B, L, H) bool or None: the layers x heads each row's bias applies on (None: all of them).
     Every method returns a new DecodeMask; nothing is changed in place.
     """
 
     keys: Tensor
     bias: Tensor | None = None
+    scope: Tensor | None = None
 
     @classmethod
     def for_prompts(
@@ -383,10 +483,8 @@ class DecodeMask:
         )  # (B, S)
         if all(r.key_bias is None for r in rows):
             return cls(keys)
-        zeros = torch.zeros(width, dtype=dtype, device=device)
-        bias = _left_pad_rows([r.key_bias if r.key_bias is not None else zeros[: r.length] for r in rows], width,
-                              0.0, zeros)  # fmt: skip  # (B, S)
-        return cls(keys, bias)
+        scope = _row_scopes(rows)
+        return cls(keys, _row_biases(rows, width, dtype, device), None if scope is None else scope.to(device))
 
     @property
     def width(self) -> int:
@@ -396,11 +494,14 @@ class DecodeMask:
         """One more column: the token fed this step, which every row attends (its own new key).  # (B, S + 1)"""
         col = self.keys.new_ones(self.keys.shape[0], 1)  # (B, 1)
         bias = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(self.bias.shape[0], 1)], 1)
-        return DecodeMask(torch.cat([self.keys, col], dim=1), bias)  # (B, S + 1)
+        return DecodeMask(torch.cat([self.keys, col], dim=1), bias, self.scope)  # (B, S + 1)
 
     def select(self, index: Tensor) -> DecodeMask:
         """Keep the rows in ``index`` (requests that leave are dropped).  # (B', S)"""
-        return DecodeMask(self.keys[index], None if self.bias is None else self.bias[index])
+        scope = None if self.scope is None else self.scope[index]
+        if scope is not None and bool(scope.all()):  # the scoped rows left: the bias can ride in the mask again
+            scope = None
+        return DecodeMask(self.keys[index], None if self.bias is None else self.bias[index], scope)
 
     def join(self, other: DecodeMask) -> DecodeMask:
         """Stack another batch below this one, left-padding the narrower side.  # (B + B', max(S, S'))"""
@@ -411,7 +512,12 @@ class DecodeMask:
         dtype = (self.bias if self.bias is not None else other.bias).dtype  # type: ignore[union-attr]
         biases = [m.bias if m.bias is not None else torch.zeros(m.keys.shape, dtype=dtype, device=m.keys.device)
                   for m in (self, other)]  # fmt: skip
-        return DecodeMask(keys, torch.cat([_pad_left(b, width, 0.0) for b in biases], dim=0))
+        bias = torch.cat([_pad_left(b, width, 0.0) for b in biases], dim=0)  # (B + B', S)
+        if self.scope is None and other.scope is None:
+            return DecodeMask(keys, bias)
+        shape = (self.scope if self.scope is not None else other.scope).shape[1:]  # type: ignore[union-attr]
+        scopes = [m.scope if m.scope is not None else m.keys.new_ones(m.keys.shape[0], *shape) for m in (self, other)]
+        return DecodeMask(keys, bias, torch.cat(scopes, dim=0))  # scope (B + B', L, H)
 
     def unused_columns(self) -> int:
         """How many leading columns no row attends (and never will: rows only ever gain columns on the right)."""
@@ -420,32 +526,44 @@ class DecodeMask:
 
     def drop_leading(self, n: int) -> DecodeMask:
         """Drop the first ``n`` columns.  # (B, S - n)"""
-        return DecodeMask(self.keys[:, n:], None if self.bias is None else self.bias[:, n:])
+        return DecodeMask(self.keys[:, n:], None if self.bias is None else self.bias[:, n:], self.scope)
 
     def to_4d(self, dtype: torch.dtype) -> Tensor:
-        """The mask for a one-token decode step.  # (B, 1, 1, S), bool or additive ``dtype``"""
+        """The mask for a one-token decode step; a scoped bias is left to :meth:`scoped_bias`.
+        # -> (B, 1, 1, S), bool or additive ``dtype``"""
         keys = self.keys[:, None, None, :]  # (B, 1, 1, S)
+        if self.bias is not None and self.scope is not None:
+            return _as_mask(keys, torch.zeros_like(keys, dtype=dtype), dtype)
         return _as_mask(keys, None if self.bias is None else self.bias[:, None, None, :], dtype)
 
-
-def _pad_left(x: Tensor, width: int, fill: float | bool) -> Tensor:
-    """(B, S) -> (B, width), new columns on the left filled with ``fill``."""
-    if x.shape[1] == width:
-        return x
-    pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype, device=x.device)  # (B, width - S)
-    return torch.cat([pad, x], dim=1)  # (B, width)
+    def scoped_bias(self) -> ScopedBias | None:
+        """The key bias to add inside chosen layers/heads, or None when it rides in :meth:`to_4d`."""
+        if self.bias is None or self.scope is None:
+            return None
+        return ScopedBias(self.bias, self.scope)
 
 
-def request_attention(n: int, constraints: AttentionConstraints, dtype: torch.dtype) -> RequestAttention | None:
-    """A request's constraints as the decode loop's per-row attention; None when there are none, so an empty
-    constraint takes exactly the unconstrained path (bit-identical results)."""
+def request_attention(
+    n: int,
+    constraints: AttentionConstraints,
+    dtype: torch.dtype,
+    *,
+    causal: bool = True,
+    n_layers: int = 0,
+    n_heads: int = 0,
+) -> RequestAttention | None:
+    """A request's constraints as per-row attention (the decode loop's, or a fill-mask row's with
+    ``causal=False``); None when there are none, so an empty constraint takes exactly the unconstrained path
+    (bit-identical results). ``n_layers``/``n_heads`` size the scope of emphasis on chosen layers/heads."""
     if constraints.empty:
         return None
-    emphasized = bool(constraints.emphasis) and constraints.emphasis_factor != 1.0
+    emphasized = "emphasis" in constraints.kinds
     return RequestAttention(
         length=n,
-        structure=constrained_structure(n, constraints),  # (T, T)
+        structure=constrained_structure(n, constraints, causal=causal),  # (T, T)
         decode_keys=decode_key_row(n, constraints),  # (T,)
         key_bias=emphasis_key_bias(n, constraints, dtype) if emphasized else None,  # (T,)
         positions=constrained_position_ids(n, constraints) if constraints.restart_positions else None,  # (T,)
+        bias_scope=emphasis_scope(constraints, n_layers, n_heads) if emphasized else None,  # (L, H)
+        kinds=constraints.kinds,
     )

@@ -227,3 +227,52 @@ def test_openai_routes_take_attention_as_an_extra_field(client: TestClient, tiny
     )
     assert ids.status_code == 400
     assert ids.json()["error"]["param"] == "attention"
+
+
+def test_emphasis_layers_and_heads_are_validated_and_counted(client: TestClient, tiny_llama: LoadedModel) -> None:
+    n_layers, n_heads = tiny_llama.attention_dims
+    prompt = PREFIX + QUESTION
+    span = [{"start": 0, "end": 10}]
+    for emphasis, param in (
+        ({"spans": span, "layers": [n_layers]}, "attention.emphasis.layers[0]"),
+        ({"spans": span, "heads": [0, n_heads]}, "attention.emphasis.heads[1]"),
+    ):
+        r = client.post("/v1/generate", json={"prompt": prompt, "attention": {"emphasis": emphasis}})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param
+
+    def count(kind: str) -> float:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith(f'maskserve_masks_applied_total{{kind="{kind}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    before = count("attention_emphasis")
+    one_layer = generate(client, prompt, attention={"emphasis": {"spans": span, "factor": 20, "layers": [1]}})
+    assert count("attention_emphasis") == before + 1
+    every = generate(client, prompt, attention={"emphasis": {"spans": span, "factor": 20}})
+    assert one_layer["tokens"][0]["logprob"] != every["tokens"][0]["logprob"]
+
+
+def test_dry_run_attention_weights_of_a_prompt(client: TestClient) -> None:
+    prompt = PREFIX + SPAN_A + QUESTION
+    start, end = len(PREFIX), len(PREFIX + SPAN_A)
+    body = {
+        "endpoint": "generate",
+        "request": {"prompt": prompt, "attention": {"exclude": [{"start": start, "end": end}]}},
+        "attention_weights": True,
+        "weights_layer": 1,
+    }
+    r = client.post("/v1/masks", json=body)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    s, e = report["attention"]["constraints"]["exclude"][0]
+    values = report["attention_weights"]["values"]
+    for q, row in enumerate(values):
+        assert sum(row) == pytest.approx(1.0, abs=1e-3)
+        assert all(w == 0.0 for w in row[q + 1 :]), q  # causal: nothing from the future
+        if q >= e:
+            assert all(row[k] == 0.0 for k in range(s, e)), q
+    png = client.post("/v1/masks?format=png&picture=weights", json=body)
+    assert png.status_code == 200
+    assert png.headers["content-type"] == "image/png"

@@ -379,7 +379,15 @@ def test_queue_full_is_429_and_slow_is_504(bert_settings: Settings, tiny_bert: L
 def test_openapi_has_an_example_per_request_shape(bert: TestClient) -> None:
     spec = bert.get("/openapi.json").json()
     body = spec["paths"]["/v1/fill-mask"]["post"]["requestBody"]["content"]["application/json"]
-    assert set(body["examples"]) == {"one mask", "top_k", "several masks", "batch", "targets", "whole word"}
+    assert set(body["examples"]) == {
+        "one mask",
+        "top_k",
+        "several masks",
+        "batch",
+        "targets",
+        "whole word",
+        "attention",
+    }
     for example in body["examples"].values():  # each example is a valid request
         response = bert.post(URL, json=example["value"])
         assert response.status_code in (200, 400), example  # 400: a word the tiny vocabulary cannot write

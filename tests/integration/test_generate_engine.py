@@ -11,6 +11,7 @@ import torch
 from service.engine.generate import DecodeBatch, FinishReason, GenerationJob, RunningRequest, SamplingParams
 from service.engine.loading import LoadedModel
 from service.engine.vocab import ModelVocab
+from service.masks.attention import AttentionConstraints, TokenSpan, request_attention
 from service.masks.output import OutputMaskSpec, compile_output_mask
 
 PROMPTS = [
@@ -196,3 +197,59 @@ def test_grammar_cache_is_bounded(tiny_llama: LoadedModel) -> None:
     assert (cache.hits, cache.misses) == (1, 3)
     cache.get("regex", "b+")
     assert cache.misses == 4
+
+
+def constrained(tiny: LoadedModel, vocab: ModelVocab, prompt: str, c: AttentionConstraints) -> RunningRequest:
+    job = make(tiny, vocab, prompt, n=8).job
+    n_layers, n_heads = tiny.attention_dims
+    job.attention = request_attention(len(job.prompt_ids), c, torch.float32, n_layers=n_layers, n_heads=n_heads)
+    return RunningRequest(job, None, torch.device("cpu"))  # the attention is read when the request is made
+
+
+def logprobs(seq: RunningRequest) -> list[float]:
+    return [t.logprob for t in seq.result().tokens]
+
+
+def test_emphasis_on_chosen_layers_and_heads(tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch) -> None:
+    """Scoped to every layer and head it equals the bias in the shared mask (the steering path adds exactly
+    the same bias); scoped to one layer or head it is a different steer; and it is the same alone or batched."""
+    assert tiny_llama.steerable
+    n_layers, n_heads = tiny_llama.attention_dims
+    prompt = PROMPTS[2]
+
+    def emph(layers: tuple[int, ...] | None = None, heads: tuple[int, ...] | None = None) -> AttentionConstraints:
+        return AttentionConstraints(
+            emphasis=(TokenSpan(0, 4),), emphasis_factor=20.0, emphasis_layers=layers, emphasis_heads=heads
+        )
+
+    every = constrained(tiny_llama, vocab, prompt, emph())
+    alone(batch, every)
+    scoped_all = constrained(tiny_llama, vocab, prompt, emph(tuple(range(n_layers)), tuple(range(n_heads))))
+    alone(batch, scoped_all)
+    assert scoped_all.attention.bias_scope is not None
+    assert scoped_all.generated == every.generated
+    assert logprobs(scoped_all) == pytest.approx(logprobs(every), abs=1e-5)
+
+    plain = make(tiny_llama, vocab, prompt, n=8)
+    alone(batch, plain)
+    one_layer = constrained(tiny_llama, vocab, prompt, emph(layers=(1,)))
+    alone(batch, one_layer)
+    one_head = constrained(tiny_llama, vocab, prompt, emph(heads=(0,)))
+    alone(batch, one_head)
+    for scoped in (one_layer, one_head):
+        assert logprobs(scoped)[0] != pytest.approx(logprobs(plain)[0], abs=1e-6)
+        assert logprobs(scoped)[0] != pytest.approx(logprobs(every)[0], abs=1e-6)
+
+    # batched with unconstrained and all-layer rows, joining mid-way: each row as alone
+    seqs = [
+        make(tiny_llama, vocab, PROMPTS[0], n=8),
+        constrained(tiny_llama, vocab, prompt, emph(layers=(1,))),
+        constrained(tiny_llama, vocab, prompt, emph()),
+        constrained(tiny_llama, vocab, prompt, emph(heads=(0,))),
+    ]
+    drive(batch, {0: seqs[:2], 2: seqs[2:]})
+    assert seqs[1].generated == one_layer.generated
+    assert seqs[2].generated == every.generated
+    assert seqs[3].generated == one_head.generated
+    assert logprobs(seqs[1]) == pytest.approx(logprobs(one_layer), abs=1e-5)
+    assert logprobs(seqs[3]) == pytest.approx(logprobs(one_head), abs=1e-5)

@@ -12,7 +12,7 @@ MIN = torch.finfo(torch.float32).min
 
 
 def test_prefill_left_pads_causal_rows() -> None:
-    mask, pos = prefill_attention([RequestAttention(3), RequestAttention(1)], dtype=torch.float32)
+    mask, pos, _ = prefill_attention([RequestAttention(3), RequestAttention(1)], dtype=torch.float32)
     assert mask.shape == (2, 1, 3, 3)
     assert torch.equal(
         mask[0, 0],
@@ -29,7 +29,7 @@ def test_prefill_left_pads_causal_rows() -> None:
 def test_prefill_places_structure_and_positions_bottom_right() -> None:
     isolated = torch.tensor([[T, F], [F, T]])  # two tokens that cannot see each other
     rows = [RequestAttention(2, structure=isolated, positions=torch.tensor([5, 5])), RequestAttention(3)]
-    mask, pos = prefill_attention(rows, dtype=torch.float32)
+    mask, pos, _ = prefill_attention(rows, dtype=torch.float32)
     assert torch.equal(mask[0, 0], torch.tensor([[T, F, F], [F, T, F], [F, F, T]]))
     assert torch.equal(mask[1, 0], torch.tensor([[T, F, F], [T, T, F], [T, T, T]]))
     assert torch.equal(pos, torch.tensor([[0, 5, 5], [0, 1, 2]]))
@@ -37,7 +37,7 @@ def test_prefill_places_structure_and_positions_bottom_right() -> None:
 
 def test_prefill_with_key_bias_is_additive() -> None:
     rows = [RequestAttention(2, key_bias=torch.tensor([-1.0, 0.0])), RequestAttention(1)]
-    mask, _ = prefill_attention(rows, dtype=torch.float32)
+    mask, _, _ = prefill_attention(rows, dtype=torch.float32)
     assert mask.dtype == torch.float32
     assert torch.equal(mask[0, 0], torch.tensor([[-1.0, MIN], [-1.0, 0.0]]))
     assert torch.equal(mask[1, 0], torch.tensor([[0.0, MIN], [MIN, 0.0]]))

@@ -1,0 +1,166 @@
+"""Exact tensors for emphasis on chosen layers/heads and for attention constraints on fill-mask rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from service.masks.attention import (
+    AttentionConstraints,
+    DecodeMask,
+    RequestAttention,
+    ScopedBias,
+    SpanError,
+    TokenSpan,
+    emphasis_scope,
+    prefill_attention,
+    request_attention,
+    validate_constraints,
+)
+from service.masks.fill import check_fill_constraints, expand_mask, fill_attention, widen_constraints
+
+T, F = True, False
+MIN = torch.finfo(torch.float32).min
+LOG3 = math.log(3.0)
+
+
+def emphasis(layers: tuple[int, ...] | None = None, heads: tuple[int, ...] | None = None) -> AttentionConstraints:
+    return AttentionConstraints(
+        emphasis=(TokenSpan(0, 1),), emphasis_factor=3.0, emphasis_layers=layers, emphasis_heads=heads
+    )
+
+
+def test_scope_is_the_chosen_layers_times_heads() -> None:
+    assert emphasis_scope(emphasis(), 3, 2) is None  # all layers and heads: the bias rides in the mask
+    assert torch.equal(emphasis_scope(emphasis(layers=(1,)), 3, 2), torch.tensor([[F, F], [T, T], [F, F]]))
+    assert torch.equal(emphasis_scope(emphasis(heads=(0,)), 2, 2), torch.tensor([[T, F], [T, F]]))
+    assert torch.equal(
+        emphasis_scope(emphasis(layers=(0, 2), heads=(1,)), 3, 2), torch.tensor([[F, T], [F, F], [F, T]])
+    )
+
+
+@pytest.mark.parametrize(
+    ("c", "param"),
+    [
+        (emphasis(layers=(0, 3)), "attention.emphasis.layers[1]"),
+        (emphasis(heads=(2,)), "attention.emphasis.heads[0]"),
+        (emphasis(layers=()), "attention.emphasis.layers"),
+    ],
+)
+def test_layers_and_heads_the_model_lacks_are_named(c: AttentionConstraints, param: str) -> None:
+    with pytest.raises(SpanError) as err:
+        validate_constraints(3, c, n_layers=3, n_heads=2)
+    assert err.value.param == param
+
+
+def test_scoped_bias_for_a_layer() -> None:
+    bias = torch.tensor([[0.0, -1.0], [-2.0, 0.0]])  # (B=2, S=2)
+    scope = torch.tensor([[[T, F], [F, F]], [[T, T], [T, T]]])  # (B=2, L=2, H=2)
+    sb = ScopedBias(bias, scope)
+    layer0 = sb.for_layer(0)
+    assert layer0 is not None
+    assert layer0.shape == (2, 2, 1, 2)
+    assert torch.equal(layer0[:, :, 0, :], torch.tensor([[[0.0, -1.0], [0.0, 0.0]], [[-2.0, 0.0], [-2.0, 0.0]]]))
+    assert ScopedBias(bias, torch.zeros(2, 2, 2, dtype=torch.bool)).for_layer(1) is None
+
+
+def test_prefill_moves_a_scoped_bias_out_of_the_mask() -> None:
+    scoped = request_attention(2, emphasis(layers=(1,)), torch.float32, n_layers=2, n_heads=1)
+    assert scoped is not None
+    plain = RequestAttention(3)
+    mask, _, sb = prefill_attention([scoped, plain], dtype=torch.float32)
+    # additive, with no bias in it: 0 where attended, MIN where blocked (row 0 is left-padded by one)
+    assert torch.equal(mask[0, 0], torch.tensor([[0.0, MIN, MIN], [MIN, 0.0, MIN], [MIN, 0.0, 0.0]]))
+    assert sb is not None
+    assert torch.allclose(sb.bias, torch.tensor([[0.0, 0.0, -LOG3], [0.0, 0.0, 0.0]]))
+    assert torch.equal(sb.scope, torch.tensor([[[F], [T]], [[T], [T]]]))  # (B, L, H): the plain row's is all True
+    # without a scope the bias is folded into the mask as before
+    unscoped = request_attention(2, emphasis(), torch.float32)
+    assert unscoped is not None
+    mask2, _, sb2 = prefill_attention([unscoped], dtype=torch.float32)
+    assert sb2 is None
+    assert torch.allclose(mask2[0, 0], torch.tensor([[0.0, MIN], [0.0, -LOG3]]))
+
+
+def test_decode_mask_carries_the_scope_through_join_and_select() -> None:
+    scoped = request_attention(2, emphasis(heads=(0,)), torch.float32, n_layers=1, n_heads=2)
+    assert scoped is not None
+    a = DecodeMask.for_prompts([scoped], dtype=torch.float32)
+    b = DecodeMask.for_prompts([RequestAttention(1)], dtype=torch.float32)
+    joined = a.join(b).extend()  # (B=2, S=3)
+    assert torch.equal(joined.to_4d(torch.float32)[:, 0, 0], torch.tensor([[0.0, 0.0, 0.0], [MIN, 0.0, 0.0]]))
+    sb = joined.scoped_bias()
+    assert sb is not None
+    assert torch.allclose(sb.bias, torch.tensor([[0.0, -LOG3, 0.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(sb.scope, torch.tensor([[[T, F]], [[T, T]]]))
+    # once the scoped row leaves, the remaining (all-True) scope is dropped and the bias rides in the mask
+    rest = joined.select(torch.tensor([1]))
+    assert rest.scope is None
+    assert rest.scoped_bias() is None
+
+
+def test_fill_attention_applies_each_rows_constraints() -> None:
+    exclude = AttentionConstraints(exclude=(TokenSpan(1, 2),))
+    masks = fill_attention([3, 2], torch.float32, constraints=[exclude, None])
+    z, m = 0.0, MIN
+    expected = torch.tensor(
+        [
+            [[[z, m, z], [z, z, z], [z, m, z]]],  # key 1 is read only by itself; bidirectional otherwise
+            [[[z, z, m], [z, z, m], [z, z, m]]],  # an unconstrained right-padded row
+        ]
+    )
+    assert torch.equal(masks.attention, expected)
+    assert masks.scoped_bias is None
+    assert not masks.restarted
+
+
+def test_fill_attention_restarts_positions_and_biases_keys() -> None:
+    c = AttentionConstraints(
+        isolate=(TokenSpan(1, 3), TokenSpan(3, 4)),
+        restart_positions=True,
+        emphasis=(TokenSpan(0, 1),),
+        emphasis_factor=3.0,
+    )
+    masks = fill_attention([5], torch.float32, constraints=[c])
+    assert masks.restarted
+    assert torch.equal(masks.position_ids, torch.tensor([[0, 1, 2, 1, 3]]))
+    z, m, b = 0.0, MIN, -LOG3
+    expected = torch.tensor([[[[z, b, b, b, b], [z, b, b, m, b], [z, b, b, m, b], [z, m, m, b, b], [z, b, b, b, b]]]])
+    assert torch.allclose(masks.attention, expected)
+
+
+def test_fill_attention_scoped_emphasis_goes_to_scoped_bias() -> None:
+    masks = fill_attention([2], torch.float32, constraints=[emphasis(layers=(0,))], dims=(2, 1))
+    assert torch.equal(masks.attention, torch.zeros(1, 1, 2, 2))
+    assert masks.scoped_bias is not None
+    assert torch.allclose(masks.scoped_bias.bias, torch.tensor([[0.0, -LOG3]]))
+    assert torch.equal(masks.scoped_bias.scope, torch.tensor([[[T], [F]]]))
+
+
+def test_widen_constraints_follows_expand_mask() -> None:
+    # ids [a, M, b, c]: the mask at 1 becomes 3 tokens -> [a, x, M, M, b, c]
+    assert expand_mask([7, 0, 8, 9], 1, [5], 2, 0) == [7, 5, 0, 0, 8, 9]
+    c = AttentionConstraints(
+        exclude=(TokenSpan(2, 4),),  # b, c: moves by 2
+        isolate=(TokenSpan(0, 1), TokenSpan(1, 2)),  # the segment holding the mask grows by 2
+        emphasis=(TokenSpan(0, 1),),  # before the mask: stays
+        emphasis_factor=2.0,
+    )
+    wide = widen_constraints(c, 1, 2)
+    assert wide.exclude == (TokenSpan(4, 6),)
+    assert wide.isolate == (TokenSpan(0, 1), TokenSpan(1, 4))
+    assert wide.emphasis == (TokenSpan(0, 1),)
+    assert widen_constraints(c, 1, 0) is c
+
+
+def test_fill_constraints_must_not_exclude_a_mask_or_its_read_position() -> None:
+    c = AttentionConstraints(exclude=(TokenSpan(0, 2), TokenSpan(3, 4)))
+    with pytest.raises(SpanError) as err:
+        check_fill_constraints(c, [3], mntp=False)
+    assert err.value.param == "attention.exclude[1]"
+    check_fill_constraints(c, [2], mntp=False)  # an encoder reads the mask at 2 itself: allowed
+    with pytest.raises(SpanError) as err:
+        check_fill_constraints(c, [2], mntp=True)  # MNTP reads it at 1, inside exclude[0]
+    assert err.value.param == "attention.exclude[0]"
