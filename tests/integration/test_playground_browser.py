@@ -79,3 +79,39 @@ def test_playground_draws_the_attention_mask(
             assert int(canvas.get_attribute("data-cells-allowed") or 0) == allowed
         finally:
             browser.close()
+
+
+def test_playground_fill_mask_with_exclusion_draws_mask_and_weights(
+    browser_path: str, bert_settings: Settings, tiny_bert: LoadedModel
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    text = "the cat likes some bread. the [MASK] sees the red ball."
+    start, end = 0, text.index(" the [MASK]")
+    with live_server(create_app(bert_settings, loaded=tiny_bert)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{url}/playground")
+            page.select_option("#task", "fill-mask")
+            page.fill("#text", text)
+            page.eval_on_selector("#text", f"el => {{ el.focus(); el.setSelectionRange({start}, {end}); }}")
+            page.click("#add-exclude")
+            page.check("#show-weights")
+            page.click("#run")
+            page.wait_for_function(
+                "document.getElementById('weights-canvas').dataset.cellsTotal !== '0'", timeout=30000
+            )
+            assert page.inner_text("#error") == ""
+            assert '"token_str"' in page.inner_text("#result")
+            mask = page.locator("#mask-canvas")
+            allowed = int(mask.get_attribute("data-cells-allowed") or 0)
+            total = int(mask.get_attribute("data-cells-total") or 0)
+            assert "bidirectional" in page.inner_text("#mask-caption")
+            assert 0 < allowed < total  # bidirectional would open every cell; the exclusion closes some
+            weights = page.locator("#weights-canvas")
+            nonzero = int(weights.get_attribute("data-cells-nonzero") or 0)
+            assert int(weights.get_attribute("data-cells-total") or 0) == total
+            assert nonzero == allowed  # weight exactly where the mask is open: none on the excluded keys
+        finally:
+            browser.close()

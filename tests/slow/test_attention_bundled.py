@@ -32,3 +32,59 @@ def test_excluded_span_has_no_influence_on_the_bundled_model() -> None:
         )
         # without the exclusion, the span's text does reach the model
         assert [t["logprob"] for t in plain[0]["tokens"]] != [t["logprob"] for t in plain[1]["tokens"]]
+
+
+FILL_BEFORE = "Paris is the capital of France."
+FILL_SPANS = (" My neighbour owns a small brown dog.", " My neighbour owns a small black cat.")
+FILL_AFTER = " The [MASK] barked at the mailman all morning."
+
+
+def test_fill_mask_constraints_on_the_bundled_model_with_the_shipped_adapter() -> None:
+    """Exclusion and isolation invariance through the MNTP adapter (bidirectional reading); and emphasis
+    named on every layer and head (the steering attention function) equals emphasis carried in the mask."""
+    with TestClient(create_app(load_settings(adapter="shipped"))) as client:
+        model = client.app.state.engine.model  # type: ignore[attr-defined]
+        tok = model.tokenizer
+        assert len(tok(FILL_SPANS[0])["input_ids"]) == len(tok(FILL_SPANS[1])["input_ids"])
+
+        def fill(text: str, **extra: object) -> list[tuple[str, float]]:
+            r = client.post("/v1/fill-mask", json={"inputs": text, **extra})
+            assert r.status_code == 200, r.text
+            return [(c["token_str"], c["score"]) for c in r.json()]
+
+        start = len(FILL_BEFORE)
+        excluded, plain = [], []
+        for span in FILL_SPANS:
+            text = FILL_BEFORE + span + FILL_AFTER
+            excluded.append(fill(text, attention={"exclude": [{"start": start, "end": start + len(span)}]}))
+            plain.append(fill(text))
+        assert [w for w, _ in excluded[0]] == [w for w, _ in excluded[1]]
+        assert [s for _, s in excluded[0]] == pytest.approx([s for _, s in excluded[1]], abs=1e-5)
+        assert [s for _, s in plain[0]] != pytest.approx([s for _, s in plain[1]], abs=1e-5)
+
+        isolated = []
+        for first, second in (FILL_SPANS, FILL_SPANS[::-1]):
+            b0 = start + len(first)
+            segments = [{"start": start, "end": b0}, {"start": b0, "end": b0 + len(second)}]
+            att = {"isolate": {"segments": segments, "restart_positions": True}}
+            isolated.append(fill(FILL_BEFORE + first + second + FILL_AFTER, attention=att))
+        assert [w for w, _ in isolated[0]] == [w for w, _ in isolated[1]]
+        assert [s for _, s in isolated[0]] == pytest.approx([s for _, s in isolated[1]], abs=1e-4)
+
+        n_layers, n_heads = model.attention_dims
+        text = FILL_BEFORE + FILL_SPANS[0] + FILL_AFTER
+        spans = [{"start": start, "end": start + len(FILL_SPANS[0])}]
+        everywhere = fill(text, attention={"emphasis": {"spans": spans, "factor": 5}})
+        named = fill(
+            text,
+            attention={
+                "emphasis": {
+                    "spans": spans,
+                    "factor": 5,
+                    "layers": list(range(n_layers)),
+                    "heads": list(range(n_heads)),
+                }
+            },  # fmt: skip
+        )
+        assert [w for w, _ in named] == [w for w, _ in everywhere]
+        assert [s for _, s in named] == pytest.approx([s for _, s in everywhere], abs=1e-4)
