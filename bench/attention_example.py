@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/attention_example.py        # bundled SmolLM2-135M-Instruct, greedy
 
-Prints the answers side by side and writes docs/img/attention-example.png (the attention mask of the request
-that excludes the stale note) and docs/img/attention-example.json (its inspection report, shortened).
+Prints the answers side by side, then where the last prompt token's attention goes (its weights averaged
+over heads and layers, from the dry run's ``attention_weights``), and writes docs/img/attention-example.png
+(the attention mask of the request that excludes the stale note), docs/img/attention-example.json (its
+inspection report, shortened) and docs/img/attention-weights-example.png (the weights under that mask).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def main() -> None:
         "exclude the update": {"exclude": [span(CURRENT)]},
         "isolate the two passages": {"isolate": {"segments": [span(CURRENT), span(STALE)]}},
         "emphasis on the update (x5)": {"emphasis": {"spans": [span(CURRENT)], "factor": 5}},
+        "emphasis x5, layers 0-9 only": {
+            "emphasis": {"spans": [span(CURRENT)], "factor": 5, "layers": list(range(10))}
+        },
     }
     with TestClient(create_app(load_settings(adapter="none"))) as client:
         print(f"{'attention':32} answer")
@@ -47,6 +52,19 @@ def main() -> None:
             r = client.post("/v1/generate", json=body)
             r.raise_for_status()
             print(f"{name:32} {r.json()['generated_text']!r}")
+        print("\nthe last prompt token's attention weight on each passage (mean over heads and layers):")
+        print(f"{'attention':32} {'update':>8} {'stale note':>11}")
+        for name, attention in cases.items():
+            request = {
+                "messages": [{"role": "user", "content": CONTENT}],
+                **({"attention": attention} if attention else {}),
+            }
+            report = client.post(
+                "/v1/masks", json={"endpoint": "generate", "request": request, "attention_weights": True}
+            ).json()
+            last = report["attention_weights"]["values"][-1]  # the query that produces the first answer token
+            share = [sum(last[i] for i in token_range(report, text)) for text in (CURRENT, STALE)]
+            print(f"{name:32} {share[0]:8.3f} {share[1]:11.3f}")
         request = {"messages": [{"role": "user", "content": CONTENT}], "attention": cases["exclude the stale note"]}
         OUT.mkdir(parents=True, exist_ok=True)
         png = client.post("/v1/masks?format=png", json={"endpoint": "generate", "request": request})
@@ -57,6 +75,19 @@ def main() -> None:
         report["attention"]["position_ids"] = "... 0..63"
         report["text"] = report["text"][:60] + "..."
         (OUT / "attention-example.json").write_text(json.dumps(report, indent=None) + "\n")
+        weights = client.post(
+            "/v1/masks?format=png&picture=weights",
+            json={"endpoint": "generate", "request": request, "attention_weights": True},
+        )
+        (OUT / "attention-weights-example.png").write_bytes(weights.content)
+
+
+def token_range(report: dict, text: str) -> range:
+    """The prompt tokens that hold ``text`` (a passage of CONTENT) in the rendered chat prompt."""
+    start = report["text"].index(CONTENT) + CONTENT.index(text)
+    end = start + len(text)
+    hits = [t["index"] for t in report["tokens"] if t["end"] > t["start"] and t["start"] < end and start < t["end"]]
+    return range(hits[0], hits[-1] + 1)
 
 
 if __name__ == "__main__":

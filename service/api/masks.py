@@ -111,6 +111,8 @@ async def weights_report(engine: Engine, report: dict[str, Any], planned: Plan, 
     if len(report["tokens"]) > DENSE_LIMIT:
         raise InvalidRequest(f"attention weights are offered for up to {DENSE_LIMIT} tokens", param="attention_weights")
     per_layer = await asyncio.to_thread(planned.weights)
+    if len(per_layer) != n_layers:  # an architecture whose attention modules bypass AttentionInterface
+        raise InvalidRequest("this model's attention layers do not report their weights", param="attention_weights")
     values = per_layer[layer] if layer is not None else torch.stack(list(per_layer.values())).mean(dim=0)  # (T, T)
     return {"layer": layer, "heads": "mean", "values": values.round(decimals=5).tolist()}
 
