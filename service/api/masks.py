@@ -36,7 +36,7 @@ class MasksRequest(BaseModel):
         description="Also run the prompt through the model once and report its attention weights, averaged "
         "over heads (prompts of up to 512 tokens; fill-mask: the first input).",
     )
-    weights_layer: int | None = Field(
+    attention_layer: int | None = Field(
         None, ge=0, description="The layer whose weights to report; default: the mean over all layers."
     )
 
@@ -107,7 +107,7 @@ async def weights_report(engine: Engine, report: dict[str, Any], planned: Plan, 
         raise InvalidRequest("attention weights need the model to run SDPA attention", param="attention_weights")
     n_layers = loaded.attention_dims[0]
     if layer is not None and layer >= n_layers:
-        raise InvalidRequest(f"the model has {n_layers} layers (0..{n_layers - 1})", param="weights_layer")
+        raise InvalidRequest(f"the model has {n_layers} layers (0..{n_layers - 1})", param="attention_layer")
     if len(report["tokens"]) > DENSE_LIMIT:
         raise InvalidRequest(f"attention weights are offered for up to {DENSE_LIMIT} tokens", param="attention_weights")
     per_layer = await asyncio.to_thread(planned.weights)
@@ -162,7 +162,7 @@ async def masks_dry_run(
     planned = plan(engine, body.endpoint, body.request, request_id)
     report = planned.build(body.dense)
     if body.attention_weights:
-        report["attention_weights"] = await weights_report(engine, report, planned, body.weights_layer)
+        report["attention_weights"] = await weights_report(engine, report, planned, body.attention_layer)
     return render(report, format, picture)
 
 

@@ -261,7 +261,7 @@ def test_dry_run_attention_weights_of_a_prompt(client: TestClient) -> None:
         "endpoint": "generate",
         "request": {"prompt": prompt, "attention": {"exclude": [{"start": start, "end": end}]}},
         "attention_weights": True,
-        "weights_layer": 1,
+        "attention_layer": 1,
     }
     r = client.post("/v1/masks", json=body)
     assert r.status_code == 200, r.text

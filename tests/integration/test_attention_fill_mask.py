@@ -193,7 +193,7 @@ def test_attention_weights_respect_the_mask(model_client: tuple[TestClient, Load
             assert all(row[k] == 0.0 for k in range(s, e)), q  # no weight on an excluded key
     last = client.post(
         "/v1/masks",
-        json={"endpoint": "fill-mask", "request": request, "attention_weights": True, "weights_layer": 0},
+        json={"endpoint": "fill-mask", "request": request, "attention_weights": True, "attention_layer": 0},
     )
     assert last.json()["attention_weights"]["layer"] == 0
     assert last.json()["attention_weights"]["values"] != weights["values"]
@@ -208,10 +208,10 @@ def test_attention_weights_respect_the_mask(model_client: tuple[TestClient, Load
     assert no_weights.json()["error"]["param"] == "picture"
     bad_layer = client.post(
         "/v1/masks",
-        json={"endpoint": "fill-mask", "request": request, "attention_weights": True, "weights_layer": 99},
+        json={"endpoint": "fill-mask", "request": request, "attention_weights": True, "attention_layer": 99},
     )
     assert bad_layer.status_code == 400
-    assert bad_layer.json()["error"]["param"] == "weights_layer"
+    assert bad_layer.json()["error"]["param"] == "attention_layer"
 
 
 def test_attention_kinds_are_counted(model_client: tuple[TestClient, LoadedModel]) -> None:

@@ -19,8 +19,9 @@ from service.middleware import PUBLIC_PATHS
 ERROR_REF = {"$ref": "#/components/schemas/ErrorResponse"}
 # A request field with one of these in its name could point the server at a file: models and adapters come only
 # from settings (MASKSERVE_MODEL, MASKSERVE_ADAPTER). OpenAI's `model` (a name, checked against the served
-# one) is allowed; a path-like name is not.
-PATH_LIKE = re.compile(r"path|dir|file|adapter|cache|checkpoint|weights|lora", re.IGNORECASE)
+# one) is allowed; a path-like name is not. "attention_weights" / "attention_layer" ask for the model's
+# attention probabilities (an output), not for weights to load.
+PATH_LIKE = re.compile(r"path|dir|file|adapter|cache|checkpoint|(?<!attention_)weights|lora", re.IGNORECASE)
 
 
 def _schema(settings: Settings, loaded: LoadedModel, **overrides: Any) -> dict[str, Any]:
