@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/attention_example.py        # bundled SmolLM2-135M-Instruct, greedy
 
-Prints the answers side by side, then where the last prompt token's attention goes (its weights averaged
+Prints the answers side by side, then fill-mask answers with a distracting first sentence read and excluded
+(the shipped MNTP adapter), then where the last prompt token's attention goes (its weights averaged
 over heads and layers, from the dry run's ``attention_weights``), and writes docs/img/attention-example.png
 (the attention mask of the request that excludes the stale note), docs/img/attention-example.json (its
 inspection report, shortened) and docs/img/attention-weights-example.png (the weights under that mask).
@@ -82,6 +83,30 @@ def main() -> None:
         (OUT / "attention-weights-example.png").write_bytes(weights.content)
 
 
+FILL_CASES = [  # (a distracting first sentence, the sentence with the mask)
+    ("My cat sleeps on the sofa all day.", " The [MASK] barked at the mailman."),
+    ("I love my cat.", " The [MASK] barked loudly at night."),
+    ("My neighbour owns a small brown dog.", " The [MASK] barked at the mailman."),
+    ("Berlin is the capital of Germany.", " Paris is the [MASK] of France."),
+]
+
+
+def fill_mask_example() -> None:
+    """Fill-mask (the shipped MNTP adapter) with the first sentence read, and excluded."""
+    with TestClient(create_app(load_settings(adapter="shipped"))) as client:
+        print(f"\n{'fill-mask input':72} {'top 3, unmasked':36} top 3, first sentence excluded")
+        for first, second in FILL_CASES:
+            tops = []
+            for attention in (None, {"exclude": [{"start": 0, "end": len(first)}]}):
+                body: dict[str, object] = {"inputs": first + second, "parameters": {"top_k": 3}}
+                if attention:
+                    body["attention"] = attention
+                r = client.post("/v1/fill-mask", json=body)
+                r.raise_for_status()
+                tops.append(", ".join(f"{c['token_str'].strip()} {c['score']:.2f}" for c in r.json()))
+            print(f"{first + second:72} {tops[0]:36} {tops[1]}")
+
+
 def token_range(report: dict, text: str) -> range:
     """The prompt tokens that hold ``text`` (a passage of CONTENT) in the rendered chat prompt."""
     start = report["text"].index(CONTENT) + CONTENT.index(text)
@@ -92,3 +117,4 @@ def token_range(report: dict, text: str) -> range:
 
 if __name__ == "__main__":
     main()
+    fill_mask_example()

@@ -131,7 +131,7 @@ def render(report: dict[str, Any], fmt: Format, picture: Picture = "mask") -> Re
             torch.tensor(weights["values"]),  # (T, T)
             query_labels=labels,
             key_labels=labels,
-            title=f"{report['endpoint']} attention weights ({layer}, mean over heads)",
+            title=f"{report['endpoint']} attention weights\n({layer}, mean over heads)",
             colorbar_label="attention weight",
         )
         return Response(png, media_type="image/png")
