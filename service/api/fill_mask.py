@@ -56,7 +56,9 @@ async def fill_mask(
 
     def report(dense: bool) -> dict[str, Any]:
         decode = token_decoder(loaded.tokenizer)
-        return fill_mask_report(request_id, job, loaded.mask_token or "", decode, loaded.mntp, dense=dense)
+        return fill_mask_report(
+            request_id, job, loaded.mask_token or "", decode, loaded.mntp, dense=dense, dims=loaded.attention_dims
+        )
 
     mask_store(request).put(request_id, report)
     try:

@@ -127,14 +127,22 @@ def generate_report(
 
 
 def fill_mask_report(
-    request_id: str, job: FillMaskJob, mask_token: str, decode: Decode, mntp: bool, *, dense: bool
+    request_id: str,
+    job: FillMaskJob,
+    mask_token: str,
+    decode: Decode,
+    mntp: bool,
+    *,
+    dense: bool,
+    dims: tuple[int, int],
 ) -> dict[str, Any]:
+    """``dims``: the model's (layers, heads), which size the scope of emphasis on chosen layers/heads."""
     inputs = []
     for fi in job.inputs:
         n = len(fi.ids)
         constraints = fi.attention or AttentionConstraints()
         # the same builder the forward uses (service/masks/fill.py); padding is not part of a request
-        att = request_attention(n, constraints, torch.float32, causal=False)
+        att = request_attention(n, constraints, torch.float32, causal=False, n_layers=dims[0], n_heads=dims[1])
         structure = att.structure if att is not None and att.structure is not None else bidirectional_mask(n)
         positions = att.positions if att is not None and att.positions is not None else torch.arange(n)
         offsets: Sequence[tuple[int | None, int | None]] = fi.offsets or [(None, None)] * n  # slow tokenizer

@@ -95,7 +95,9 @@ def plan(engine: Engine, endpoint: str, body: dict[str, Any], request_id: str) -
     fjob = fill.to_job(worker.codec, engine.settings)
     mask_token = loaded.mask_token or ""
     return Plan(
-        lambda dense: fill_mask_report(request_id, fjob, mask_token, decode, loaded.mntp, dense=dense),
+        lambda dense: fill_mask_report(
+            request_id, fjob, mask_token, decode, loaded.mntp, dense=dense, dims=loaded.attention_dims
+        ),
         lambda: fill_attention_weights(loaded, fjob.inputs[0], lock),
     )
 
@@ -159,6 +161,11 @@ async def masks_dry_run(
     picture: Picture = Query("mask", description="With format=png: the attention mask, or the weights."),
 ) -> Response:
     request_id = str(getattr(request.state, "request_id", "dry-run"))
+    if body.attention_layer is not None and not body.attention_weights:
+        raise InvalidRequest(
+            "'attention_layer' picks a layer of the attention weights; add \"attention_weights\": true",
+            param="attention_layer",
+        )
     planned = plan(engine, body.endpoint, body.request, request_id)
     report = planned.build(body.dense)
     if body.attention_weights:

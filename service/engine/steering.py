@@ -25,7 +25,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from service.masks.attention import ScopedBias, to_additive
+from service.masks.attention import ScopedBias, causal_mask, to_additive
 
 log = logging.getLogger("maskserve.steering")
 
@@ -39,11 +39,19 @@ class AttentionProbe:
     layers: dict[int, Tensor] = field(default_factory=dict)
 
 
-def _additive(mask: Tensor | None, query: Tensor, key: Tensor) -> Tensor:
-    """The mask as additive scores (0 = attend), an all-zero one when there is none.  # (B, 1|H, T, S)"""
-    if mask is None:
-        return torch.zeros(1, 1, query.shape[2], key.shape[2], dtype=query.dtype, device=query.device)
-    return to_additive(mask, query.dtype) if mask.dtype == torch.bool else mask
+def _mask_as_scores(mask: Tensor | None, module: torch.nn.Module, query: Tensor, key: Tensor, kwargs: dict) -> Tensor:
+    """The mask SDPA would apply, as additive scores (0 = attend).  # -> (B|1, 1|H, T, S)
+
+    No mask means causal for a causal module (queries being the last ``T`` of the ``S`` keys, as with a KV
+    cache) and nothing otherwise; the service itself always passes a 4D mask.
+    """
+    if mask is not None:
+        return to_additive(mask, query.dtype) if mask.dtype == torch.bool else mask
+    t, s = query.shape[2], key.shape[2]
+    causal = kwargs.get("is_causal")
+    if causal if causal is not None else getattr(module, "is_causal", False):
+        return to_additive(causal_mask(t, s, device=query.device)[None, None], query.dtype)  # (1, 1, T, S)
+    return torch.zeros(1, 1, t, s, dtype=query.dtype, device=query.device)
 
 
 def steered_sdpa(
@@ -60,25 +68,16 @@ def steered_sdpa(
     if scoped_bias is not None and layer is not None:
         extra = scoped_bias.for_layer(int(layer))  # (B, H, 1, S) or None
         if extra is not None:
-            attention_mask = _additive(attention_mask, query, key) + extra.to(query.dtype)  # (B, H, T, S)
+            scores = _mask_as_scores(attention_mask, module, query, key, kwargs)
+            attention_mask = scores + extra.to(query.dtype)  # (B, H, T, S)
     if attention_probe is not None and layer is not None:
         groups = query.shape[1] // key.shape[1]
         scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
-        scores = query @ repeat_kv(key, groups).transpose(-1, -2) * scale  # (B, H, T, S)
-        if attention_mask is not None or getattr(module, "is_causal", False):
-            scores = scores + _causal_or(attention_mask, module, query, key)
-        weights = scores.float().softmax(dim=-1)  # (B, H, T, S)
+        logits = query @ repeat_kv(key, groups).transpose(-1, -2) * scale  # (B, H, T, S)
+        logits = logits + _mask_as_scores(attention_mask, module, query, key, kwargs)
+        weights = logits.float().softmax(dim=-1)  # (B, H, T, S)
         attention_probe.layers[int(layer)] = weights[0].mean(dim=0).cpu()  # (T, S)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-
-
-def _causal_or(mask: Tensor | None, module: torch.nn.Module, query: Tensor, key: Tensor) -> Tensor:
-    """The additive mask SDPA will apply: the given one, or (none given, causal module) the causal one."""
-    if mask is not None:
-        return _additive(mask, query, key)
-    t, s = query.shape[2], key.shape[2]
-    causal = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(diagonal=s - t)  # (T, S)
-    return to_additive(causal[None, None], query.dtype)  # (1, 1, T, S)
 
 
 AttentionInterface.register(STEERED_SDPA, steered_sdpa)
@@ -86,10 +85,23 @@ AttentionMaskInterface.register(STEERED_SDPA, sdpa_mask)  # masks are built as f
 
 
 def enable_steering(model: PreTrainedModel) -> bool:
-    """Route the model's attention through :func:`steered_sdpa` when it runs SDPA; False otherwise (such a
-    model keeps its own attention, and emphasis on chosen layers/heads is refused for it)."""
-    if model.config._attn_implementation not in ("sdpa", STEERED_SDPA):
+    """Route the model's attention through :func:`steered_sdpa` when it runs SDPA, and check that it works: a
+    probe forward must hear from every layer (an architecture whose attention modules lack ``layer_idx`` or
+    bypass AttentionInterface would silently ignore a scoped bias). False otherwise: such a model keeps SDPA,
+    and emphasis on chosen layers/heads and attention weights are refused for it."""
+    if model.config._attn_implementation != "sdpa":
         log.info("attention is %s, not sdpa: emphasis on chosen layers/heads is off", model.config._attn_implementation)
         return False
     model.set_attn_implementation(STEERED_SDPA)
-    return model.config._attn_implementation == STEERED_SDPA
+    probe = AttentionProbe()
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([[1, 2, 3]], device=device), attention_probe=probe)
+    except Exception:  # a forward that does not pass kwargs through to attention
+        log.info("attention kwargs do not reach the layers: emphasis on chosen layers/heads is off", exc_info=True)
+        probe.layers.clear()
+    if sorted(probe.layers) != list(range(int(model.config.num_hidden_layers))):
+        model.set_attn_implementation("sdpa")
+        return False
+    return True

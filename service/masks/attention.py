@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, NamedTuple
 
 import torch
@@ -295,6 +296,11 @@ def validate_constraints(
         raise SpanError("attention.isolate.segments", "needs at least two segments to isolate from each other")
     if constraints.emphasis and not constraints.emphasis_factor > 0:
         raise SpanError("attention.emphasis.factor", "must be > 0")
+    validate_scope(constraints, n_layers, n_heads)
+
+
+def validate_scope(constraints: AttentionConstraints, n_layers: int | None, n_heads: int | None) -> None:
+    """Emphasis layers/heads must exist in a model of ``n_layers`` x ``n_heads`` (None: not checked)."""
     for name, chosen, limit in (
         ("layers", constraints.emphasis_layers, n_layers),
         ("heads", constraints.emphasis_heads, n_heads),
@@ -315,6 +321,7 @@ def emphasis_scope(constraints: AttentionConstraints, n_layers: int, n_heads: in
     (then the bias rides in the 4D mask every layer shares, and no custom attention function is needed)."""
     if constraints.emphasis_layers is None and constraints.emphasis_heads is None:
         return None
+    validate_scope(constraints, n_layers, n_heads)  # a SpanError naming the layer, never an IndexError
     layers = torch.zeros(n_layers, dtype=torch.bool)  # (L,)
     heads = torch.zeros(n_heads, dtype=torch.bool)  # (H,)
     layers[list(constraints.emphasis_layers) if constraints.emphasis_layers is not None else slice(None)] = True
@@ -392,11 +399,16 @@ class ScopedBias:
     bias: Tensor
     scope: Tensor
 
+    @cached_property
+    def layers(self) -> frozenset[int]:
+        """The layers where some row has the bias (read once per forward: one device sync, not one a layer)."""
+        return frozenset(int(i) for i in self.scope.any(dim=2).any(dim=0).nonzero().flatten().tolist())
+
     def for_layer(self, layer: int) -> Tensor | None:
         """The bias one layer adds to its attention scores, None where no row has it.  # -> (B, H, 1, S)"""
-        on = self.scope[:, layer, :]  # (B, H)
-        if not bool(on.any()):
+        if layer not in self.layers:
             return None
+        on = self.scope[:, layer, :]  # (B, H)
         return self.bias[:, None, None, :] * on[:, :, None, None].to(self.bias.dtype)  # (B, H, 1, S)
 
 

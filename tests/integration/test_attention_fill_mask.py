@@ -8,6 +8,7 @@ to several sub-tokens (targets, whole words), which moves the spans after it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -226,3 +227,25 @@ def test_attention_kinds_are_counted(model_client: tuple[TestClient, LoadedModel
     before = count()
     fill(client, PREFIX + SPAN_A + MASKED, attention={"exclude": [{"start": 0, "end": 5}]})
     assert count() == before + 1
+
+
+def test_reports_of_emphasis_on_chosen_layers(model_client: tuple[TestClient, LoadedModel]) -> None:
+    """return_masks, the dry run, the buffer and the weights all take a scoped emphasis."""
+    client, _ = model_client
+    text = PREFIX + SPAN_A + MASKED
+    request = {"inputs": text, "attention": {"emphasis": {"spans": [{"start": 0, "end": 10}], "layers": [1]}}}
+    answered = client.post(URL, json={**request, "return_masks": True})
+    assert answered.status_code == 200, answered.text
+    masks = answered.json()["masks"]
+    assert masks["attention"]["constraints"]["emphasis_layers"] == [1]
+    (span,) = masks["attention"]["constraints"]["emphasis"]
+    assert masks["attention"]["key_bias"][span[0]] == 0.0  # an emphasized key
+    assert masks["attention"]["key_bias"][span[1]] == pytest.approx(-math.log(3.0))  # the default factor
+    kept = client.get(f"/v1/masks/{answered.headers['x-request-id']}")
+    assert kept.status_code == 200
+    assert kept.json()["attention"] == masks["attention"]
+    dry = client.post("/v1/masks", json={"endpoint": "fill-mask", "request": request, "attention_weights": True})
+    assert dry.status_code == 200, dry.text
+    lonely = client.post("/v1/masks", json={"endpoint": "fill-mask", "request": request, "attention_layer": 0})
+    assert lonely.status_code == 400
+    assert lonely.json()["error"]["param"] == "attention_layer"

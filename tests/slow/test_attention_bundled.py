@@ -88,3 +88,25 @@ def test_fill_mask_constraints_on_the_bundled_model_with_the_shipped_adapter() -
         )
         assert [w for w, _ in named] == [w for w, _ in everywhere]
         assert [s for _, s in named] == pytest.approx([s for _, s in everywhere], abs=1e-4)
+
+
+def test_generate_emphasis_on_every_named_layer_equals_emphasis_in_the_mask() -> None:
+    """SmolLM2 has grouped-query attention (9 query heads, 3 key/value heads): a decode step's per-head bias
+    goes through transformers' packed-GQA SDPA path; naming every layer and head must equal the mask path."""
+    with TestClient(create_app(load_settings(adapter="none"))) as client:
+        model = client.app.state.engine.model  # type: ignore[attr-defined]
+        n_layers, n_heads = model.attention_dims
+        prompt = BEFORE + SPANS[0] + AFTER
+        spans = [{"start": 0, "end": len(BEFORE)}]
+        outs = []
+        for extra in ({}, {"layers": list(range(n_layers)), "heads": list(range(n_heads))}):
+            body = {
+                "prompt": prompt,
+                "max_new_tokens": 6,
+                "attention": {"emphasis": {"spans": spans, "factor": 5, **extra}},
+            }
+            r = client.post("/v1/generate", json=body)
+            assert r.status_code == 200, r.text
+            outs.append(r.json()["tokens"])
+        assert [t["id"] for t in outs[0]] == [t["id"] for t in outs[1]]
+        assert [t["logprob"] for t in outs[0]] == pytest.approx([t["logprob"] for t in outs[1]], abs=1e-4)
