@@ -429,20 +429,21 @@ def apply_output_masks(logits: Tensor, states: Sequence[OutputMaskState | None])
                 grammar_rows.append(b)
     if bitmask is not None and grammar_rows:
         xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=vocab, indices=grammar_rows)
-    dead: list[int] = []
-    for b, state in enumerate(states):
-        if state is None:
-            continue
-        row = logits[b]
-        if state.generated < state.mask.min_tokens:
-            eos = state.mask.eos_ids.to(row.device)
-            kept = row[eos].clone()
-            row[eos] = NEG_INF
-            if not bool(torch.isfinite(row).any()):  # min_tokens yields to the hard masks
-                row[eos] = kept
-        if not bool(torch.isfinite(row).any()):
-            dead.append(b)
-    return dead
+    # min_tokens blocks the end tokens, but yields to the hard masks: a row left with nothing but an end token
+    # keeps it. A row is alive while its largest logit beats -inf: one reduction over the rows concerned, not
+    # an isfinite per row (that cost ~0.5 ms a row here, 15 ms a step at 32 rows).
+    short = [b for b, st in enumerate(states) if st is not None and st.generated < st.mask.min_tokens]
+    if short:
+        eos_of = {b: states[b].mask.eos_ids.to(logits.device) for b in short}  # type: ignore[union-attr]
+        kept = {b: logits[b, eos].clone() for b, eos in eos_of.items()}
+        for b, eos in eos_of.items():
+            logits[b, eos] = NEG_INF
+        still = (logits[short].amax(dim=1) > NEG_INF).tolist()  # (len(short),)
+        for b, alive in zip(short, still, strict=True):
+            if not alive:
+                logits[b, eos_of[b]] = kept[b]
+    alive_rows = (logits.amax(dim=1) > NEG_INF).tolist()  # (B,) NaN rows count as dead, as with isfinite
+    return [b for b, state in enumerate(states) if state is not None and not alive_rows[b]]
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,23 @@ def test_dead_row_is_reported() -> None:
     assert apply_output_masks(logits, [state]) == [0]
 
 
+def test_rows_of_a_batch_are_judged_each_on_its_own() -> None:
+    """Dead rows and min_tokens are decided for the whole batch at once; each row as if alone."""
+    yielding = compiled(allowed_token_ids=(3,), bad_words=("dog",), min_tokens=5).new_state()  # type: ignore[attr-defined]
+    yielding.advance(4, b"do")  # only eos is left: min_tokens yields
+    dying = compiled(bad_words=("dog",)).new_state()  # type: ignore[attr-defined]
+    dying.advance(4, b"do")
+    waiting = compiled(min_tokens=2).new_state()  # type: ignore[attr-defined]  # eos blocked, the rest open
+    logits = torch.zeros(4, len(TOKENS))
+    logits[1] = INF
+    logits[1, 3] = 1.0  # row 1 may only say "g", which finishes "dog"
+    assert apply_output_masks(logits, [yielding, dying, None, waiting]) == [1]
+    assert logits[0].isfinite().nonzero().flatten().tolist() == [0]
+    assert torch.equal(logits[2], torch.zeros(len(TOKENS)))
+    assert logits[3, 0] == INF
+    assert bool(logits[3, 1:].isfinite().all())
+
+
 @pytest.mark.parametrize(
     ("kw", "param", "message"),
     [
