@@ -18,8 +18,8 @@ machine load):
 - the machine's bound: measured matmul FLOP/s and memory read bandwidth -> tokens/s for this model.
 
 Every request generates exactly ``--tokens`` tokens (``min_tokens`` / ``min_new_tokens``), greedy. All model
-work runs in worker threads, as the server's decode loop does: on busy shared cores torch's OpenMP team in the
-main thread can be several times slower (measured here), which would handicap the baselines.
+work — the server's and the baselines' — runs on the server's one compute thread (service/engine/compute.py):
+a second thread running torch would form a second OpenMP team and slow both sides down.
 """
 
 from __future__ import annotations
@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the live-serv
 from service.app import create_app  # noqa: E402
 from service.config import load_settings  # noqa: E402
 from service.engine import generate as engine_generate  # noqa: E402
+from service.engine.compute import ComputeThread, keep_single_threaded  # noqa: E402
 from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams  # noqa: E402
 from service.engine.kv_cache import BatchLayer  # noqa: E402
-from service.engine.loading import LoadedModel, load_model  # noqa: E402
+from service.engine.loading import LoadedModel  # noqa: E402
 from service.masks import output as output_masks  # noqa: E402
 from tests.live import live_server  # noqa: E402
 
@@ -90,11 +91,12 @@ LONG_STRING_SCHEMA = {  # forces the output to keep going: a JSON object with on
     "required": ["story"],
 }
 T = TypeVar("T")
-WORKER = ThreadPoolExecutor(1, thread_name_prefix="bench-model")
+COMPUTE: list[ComputeThread] = []  # the server's compute thread, once it runs
 
 
 def in_worker(fn: Callable[[], T]) -> T:
-    return WORKER.submit(fn).result()
+    """Run baseline work on the server's compute thread (the model's only thread)."""
+    return COMPUTE[0].submit(fn).result()
 
 
 # --- the machine ---------------------------------------------------------------------------------------------------
@@ -287,15 +289,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", help="write the raw numbers here")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.tokens, args.rounds = 16, 1
+    settings = load_settings(
+        adapter="none", dtype=args.dtype, max_running_requests=32, log_level="warning", torch_threads=args.threads
+    )
+    keep_single_threaded()  # this thread only sends requests and prints
+    app = create_app(settings)
+    with live_server(app) as url:
+        engine = app.state.engine
+        COMPUTE.append(engine.compute)
+        loaded = engine.require()
+        run_bench(args, url, app, loaded)
+
+
+def run_bench(args: argparse.Namespace, url: str, app: Any, loaded: LoadedModel) -> None:
     n = args.tokens
-    settings = load_settings(adapter="none", dtype=args.dtype, max_running_requests=32, log_level="warning")
-    loaded = load_model(settings)
+    threads = in_worker(torch.get_num_threads)
     print(f"model {loaded.name}, {args.dtype}, {n} new tokens a request, {args.rounds} round(s), "
-          f"torch threads {torch.get_num_threads()}, load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"torch threads {threads}, load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
 
     bound = machine_bound(loaded)
     print(
@@ -312,38 +324,32 @@ def main() -> None:
         results.setdefault(name, []).append(value)
 
     seq_questions = QUESTIONS[: args.sequential]
-    app = create_app(settings, loaded=loaded)
-    with live_server(app) as url:
-        ours(url, QUESTIONS[:2], 4, 2)  # warm up both paths
-        hf_sequential(loaded, QUESTIONS[:1], 4)
-        for r in range(args.rounds):
-            record("generate, sequential", hf_sequential(loaded, seq_questions, n))
-            record("ours, 1 stream", ours(url, seq_questions, n, 1))
-            record("generate, static batch of 32", hf_static_batch(loaded, QUESTIONS, n))
-            record("ours, 32 streams", ours(url, QUESTIONS, n, 32))
-            record("ours, 8 streams", ours(url, QUESTIONS, n, 8))
-            with MaskTimer() as timer:
-                record(
-                    "ours, 1 stream, JSON schema", ours(url, seq_questions, n, 1, {"json_schema": LONG_STRING_SCHEMA})
-                )
-            record("mask time, 1 stream (ms/token)", timer.seconds * 1e3 / (len(seq_questions) * n))
-            with MaskTimer() as timer:
-                record(
-                    "ours, 8 streams, JSON schema", ours(url, QUESTIONS[:8], n, 8, {"json_schema": LONG_STRING_SCHEMA})
-                )
-            record("mask time, 8 streams (ms/token)", timer.seconds * 1e3 / (8 * n))
-            record("ours, 8 streams, plain (same 8)", ours(url, QUESTIONS[:8], n, 8))
-            print(f"  round {r + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
-        if args.compile:
-            gen = app.state.engine.generation
-            model = gen.batch.model
-            gen.batch.model = torch.compile(model, dynamic=True)
-            started = time.perf_counter()
-            ours(url, QUESTIONS[:1], 8, 1)  # compiles
-            print(f"  torch.compile warm-up took {time.perf_counter() - started:.0f} s")
-            for _ in range(args.rounds):
-                record("ours, 1 stream, torch.compile", ours(url, seq_questions, n, 1))
-            gen.batch.model = model
+    ours(url, QUESTIONS[:2], 4, 2)  # warm up both paths
+    hf_sequential(loaded, QUESTIONS[:1], 4)
+    for r in range(args.rounds):
+        record("generate, sequential", hf_sequential(loaded, seq_questions, n))
+        record("ours, 1 stream", ours(url, seq_questions, n, 1))
+        record("generate, static batch of 32", hf_static_batch(loaded, QUESTIONS, n))
+        record("ours, 32 streams", ours(url, QUESTIONS, n, 32))
+        record("ours, 8 streams", ours(url, QUESTIONS, n, 8))
+        with MaskTimer() as timer:
+            record("ours, 1 stream, JSON schema", ours(url, seq_questions, n, 1, {"json_schema": LONG_STRING_SCHEMA}))
+        record("mask time, 1 stream (ms/token)", timer.seconds * 1e3 / (len(seq_questions) * n))
+        with MaskTimer() as timer:
+            record("ours, 8 streams, JSON schema", ours(url, QUESTIONS[:8], n, 8, {"json_schema": LONG_STRING_SCHEMA}))
+        record("mask time, 8 streams (ms/token)", timer.seconds * 1e3 / (8 * n))
+        record("ours, 8 streams, plain (same 8)", ours(url, QUESTIONS[:8], n, 8))
+        print(f"  round {r + 1} done (load average {os.getloadavg()[0]:.1f})", flush=True)
+    if args.compile:
+        gen = app.state.engine.generation
+        model = gen.batch.model
+        gen.batch.model = torch.compile(model, dynamic=True)
+        started = time.perf_counter()
+        ours(url, QUESTIONS[:1], 8, 1)  # compiles
+        print(f"  torch.compile warm-up took {time.perf_counter() - started:.0f} s")
+        for _ in range(args.rounds):
+            record("ours, 1 stream, torch.compile", ours(url, seq_questions, n, 1))
+        gen.batch.model = model
     for _ in range(args.rounds):
         record("decode step, 32 rows, in-place cache (ms)", cache_step_ms(loaded, 32, 16, cat=False))
         record("decode step, 32 rows, torch.cat cache (ms)", cache_step_ms(loaded, 32, 16, cat=True))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -112,7 +111,7 @@ async def weights_report(engine: Engine, report: dict[str, Any], planned: Plan, 
         raise InvalidRequest(f"the model has {n_layers} layers (0..{n_layers - 1})", param="attention_layer")
     if len(report["tokens"]) > DENSE_LIMIT:
         raise InvalidRequest(f"attention weights are offered for up to {DENSE_LIMIT} tokens", param="attention_weights")
-    per_layer = await asyncio.to_thread(planned.weights)
+    per_layer = await engine.compute.run(planned.weights)
     if len(per_layer) != n_layers:  # an architecture whose attention modules bypass AttentionInterface
         raise InvalidRequest("this model's attention layers do not report their weights", param="attention_weights")
     values = per_layer[layer] if layer is not None else torch.stack(list(per_layer.values())).mean(dim=0)  # (T, T)

@@ -6,12 +6,12 @@ workers; ``Engine.stop()`` drains and stops them. Routes reach the engine throug
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from typing import Any
 
 from service.config import Settings
+from service.engine.compute import ComputeThread, keep_single_threaded
 from service.engine.fill_mask import FillMaskWorker
 from service.engine.loading import LoadedModel, load_model
 from service.engine.scheduler import GenerationScheduler
@@ -29,13 +29,15 @@ class Engine:
         # One forward at a time on the device: fill-mask batches and decode steps take turns. Both would
         # fight for the same cores (or GPU stream) anyway; the lock keeps each forward's timing clean.
         self.compute_lock = threading.Lock()
+        self.compute = ComputeThread(settings.torch_threads)  # every piece of model work runs on this thread
         self.generation: GenerationScheduler | None = None  # continuous-batching decode loop (decoders)
         self.fill_mask: FillMaskWorker | None = None  # dynamic batching of fill-mask searches
 
     async def start(self) -> None:
+        keep_single_threaded()  # this is the event loop's thread: its tensor work stays off OpenMP teams
         try:
             if self.model is None:
-                self.model = await asyncio.to_thread(load_model, self.settings)
+                self.model = await self.compute.run(load_model, self.settings)
             await self._start_workers()
         except Exception as exc:  # a model that cannot load keeps /ready at 503 and says why in the log
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -48,10 +50,14 @@ class Engine:
         assert self.model is not None
         if self.model.fill_mask_model is not None:
             # built in a thread: it classifies the vocabulary and checks the head-only forward (~1 s)
-            self.fill_mask = await asyncio.to_thread(FillMaskWorker, self.model, self.settings, self.compute_lock)
+            self.fill_mask = await self.compute.run(
+                FillMaskWorker, self.model, self.settings, self.compute_lock, compute=self.compute
+            )
             await self.fill_mask.start()
         if self.model.generation_model is not None:
-            self.generation = await asyncio.to_thread(GenerationScheduler, self.model, self.settings, self.compute_lock)
+            self.generation = await self.compute.run(
+                GenerationScheduler, self.model, self.settings, self.compute_lock, compute=self.compute
+            )
             self.generation.start()
 
     async def stop(self) -> None:
@@ -60,6 +66,7 @@ class Engine:
             await self.fill_mask.stop()
         if self.generation is not None:
             await self.generation.stop()
+        self.compute.shutdown()
 
     def require_generation(self) -> GenerationScheduler:
         self.require()

@@ -41,6 +41,7 @@ from torch import Tensor
 
 from service import metrics
 from service.config import Settings
+from service.engine.compute import ComputeThread
 from service.engine.loading import UNIVERSAL_MASK, LoadedModel, ModelKind, read_adapter_meta
 from service.engine.steering import AttentionProbe
 from service.errors import InvalidRequest, NotReady, Overloaded, RequestTimeout
@@ -552,7 +553,10 @@ class FillMaskWorker:
         settings: Settings,
         compute_lock: threading.Lock,
         forward: ForwardFn | None = None,
+        *,
+        compute: ComputeThread | None = None,
     ) -> None:
+        """``compute``: the thread rounds run on (the engine's; without one, a private one is made)."""
         self.model = model
         self.settings = settings
         self.codec = FillMaskCodec(model, settings)
@@ -567,6 +571,8 @@ class FillMaskWorker:
         self._outstanding = 0  # queued + running
         self._active: list[_Pending] = []  # admitted: their searches advance one step per round
         self._task: asyncio.Task[None] | None = None
+        self._owns_compute = compute is None
+        self._runner = compute or ComputeThread()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="fill-mask-worker")
@@ -583,6 +589,8 @@ class FillMaskWorker:
             if not pending.future.done():
                 pending.future.set_exception(NotReady("the server is shutting down"))
         self._active = []
+        if self._owns_compute:
+            self._runner.shutdown()
 
     async def submit(
         self, job: FillMaskJob, *, client_gone: Callable[[], Awaitable[object]] | None = None
@@ -647,7 +655,7 @@ class FillMaskWorker:
             if not self._active:
                 continue
             try:
-                await asyncio.to_thread(self._round, self._active)
+                await self._runner.run(self._round, self._active)
             except Exception as exc:  # a bug in the round itself: fail its requests, keep serving others
                 log.exception("fill-mask round failed")
                 for p in self._active:

@@ -1,11 +1,12 @@
-"""Continuous batching: a dedicated thread runs the decode loop; requests join and leave between steps.
+"""Continuous batching: the decode loop runs as ticks on the compute thread; requests join and leave between.
 
-Routes call :meth:`GenerationScheduler.submit` (validates and compiles the request's masks off the event loop,
-then queues it, or refuses with 429 when ``max_running_requests + max_queued_requests`` are taken) and read
-events from the returned :class:`GenerationHandle`: token events when streaming, then the result. Between two
-steps the thread drops cancelled and timed-out requests, admits waiting ones up to ``max_running_requests``
-(prefilling them together, within a token budget) and runs one decode step for the whole batch, holding
-``engine.compute_lock`` around each forward.
+Routes call :meth:`GenerationScheduler.submit` (validates and compiles the request's masks on the compute
+thread, then queues it, or refuses with 429 when ``max_running_requests + max_queued_requests`` are taken) and
+read events from the returned :class:`GenerationHandle`: token events when streaming, then the result. Each
+tick drops cancelled and timed-out requests, admits waiting ones up to ``max_running_requests`` (prefilling
+them together, within a token budget), runs one decode step for the whole batch (holding
+``engine.compute_lock`` around each forward) and, while there is work, queues the next tick. Ticks share the
+compute thread (service/engine/compute.py) with fill-mask rounds, which run in between.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from service.config import Settings
+from service.engine.compute import ComputeThread
 from service.engine.generate import (
     DecodeBatch,
     GenerationJob,
@@ -96,7 +98,10 @@ class GenerationHandle:
 
 
 class GenerationScheduler:
-    def __init__(self, loaded: LoadedModel, settings: Settings, lock: threading.Lock) -> None:
+    def __init__(
+        self, loaded: LoadedModel, settings: Settings, lock: threading.Lock, *, compute: ComputeThread | None = None
+    ) -> None:
+        """``compute``: the thread ticks run on (the engine's; without one, a private one is made)."""
         if loaded.generation_model is None:
             raise ValueError("the loaded model cannot generate")
         self.loaded = loaded
@@ -107,28 +112,40 @@ class GenerationScheduler:
         self.batch = DecodeBatch(loaded.generation_model, self.vocab, lock=lock, pad_id=int(pad))
         self.max_positions = int(getattr(loaded.generation_model.config, "max_position_embeddings", 0) or 1 << 30)
         self._waiting: deque[RunningRequest] = deque()
-        self._cv = threading.Condition()
+        self._mutex = threading.Lock()  # guards the queue, the counts and the tick flag
         self._active = 0  # submitted and not finished: waiting + running
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._tick_queued = False
+        self._started = False
+        self._owns_compute = compute is None
+        self._compute = compute or ComputeThread()
         self._mean_request_s = 1.0  # moving average, for Retry-After
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="maskserve-decode", daemon=True)
-        self._thread.start()
+        """From now on, ticks are queued on the compute thread whenever there is work."""
+        with self._mutex:
+            self._started = True
+            if self._waiting:
+                self._queue_tick()
 
     async def stop(self) -> None:
-        with self._cv:
+        with self._mutex:
             self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 30)
+        await self._compute.run(self._shutdown)  # after any tick already queued, which sees _stopping and returns
+        if self._owns_compute:
+            self._compute.shutdown()
 
     def wake(self) -> None:
-        with self._cv:
-            self._cv.notify_all()
+        with self._mutex:
+            self._queue_tick()
+
+    def _queue_tick(self) -> None:
+        """Queue one tick on the compute thread unless one is queued (call with the mutex held)."""
+        if self._started and not self._tick_queued and not self._stopping:
+            self._tick_queued = True
+            self._compute.submit(self._tick)
 
     # --- the route's side ---------------------------------------------------------------------------------------
 
@@ -175,7 +192,7 @@ class GenerationScheduler:
             )
         self._refuse_if_full()  # before compiling: a full server should answer fast
         try:
-            mask = await asyncio.to_thread(
+            mask = await self._compute.run(
                 compile_output_mask,
                 job.output_mask,
                 self.vocab.vocabulary,
@@ -188,12 +205,12 @@ class GenerationScheduler:
         seq.deadline = seq.submitted + self.settings.request_timeout_s
         handle = GenerationHandle(asyncio.get_running_loop(), seq, self)
         seq.emit = handle._post
-        with self._cv:
+        with self._mutex:
             self._refuse_if_full()
             self._active += 1
             self._waiting.append(seq)
             QUEUE_DEPTH.labels(WORKER).set(len(self._waiting))
-            self._cv.notify_all()
+            self._queue_tick()
         for kind in mask.kinds if mask else ():
             MASKS_APPLIED.labels(kind).inc()
         for kind in job.attention.kinds if job.attention else ():
@@ -214,32 +231,33 @@ class GenerationScheduler:
                 retry_after=min(60, max(1, math.ceil(wait))),
             )
 
-    # --- the decode thread --------------------------------------------------------------------------------------
+    # --- on the compute thread --------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._cv:
-                    while not self._stopping and not self._waiting and not self.batch.rows:
-                        self._cv.wait()
-                    if self._stopping:
-                        break
-                    admit = self._admit()
-                self._drop_cancelled()
-                try:
-                    if admit:
-                        PROMPT_TOKENS.labels(WORKER).inc(sum(len(s.job.prompt_ids) for s in admit))
-                        self._finish(self.batch.add(admit))
-                    if self.batch.rows:
-                        BATCH_SIZE.labels(WORKER).observe(len(self.batch.rows))
-                        self._finish(self.batch.step())
-                except Exception:  # a bug: fail what was running (its cache may be half-updated), keep serving
-                    log.exception("decode step failed")
-                    failed = {id(s): s for s in [*self.batch.rows, *admit]}
-                    self.batch.clear()
-                    self._finish(list(failed.values()), error=MaskserveError("generation failed"))
-                RUNNING.labels(WORKER).set(len(self.batch.rows))
-        self._shutdown()
+    @torch.inference_mode()
+    def _tick(self) -> None:
+        """One round of the decode loop; queues the next while requests run or wait."""
+        with self._mutex:
+            self._tick_queued = False
+            if self._stopping:
+                return
+            admit = self._admit()
+        self._drop_cancelled()
+        try:
+            if admit:
+                PROMPT_TOKENS.labels(WORKER).inc(sum(len(s.job.prompt_ids) for s in admit))
+                self._finish(self.batch.add(admit))
+            if self.batch.rows:
+                BATCH_SIZE.labels(WORKER).observe(len(self.batch.rows))
+                self._finish(self.batch.step())
+        except Exception:  # a bug: fail what was running (its cache may be half-updated), keep serving
+            log.exception("decode step failed")
+            failed = {id(s): s for s in [*self.batch.rows, *admit]}
+            self.batch.clear()
+            self._finish(list(failed.values()), error=MaskserveError("generation failed"))
+        RUNNING.labels(WORKER).set(len(self.batch.rows))
+        with self._mutex:
+            if self._waiting or self.batch.rows:
+                self._queue_tick()
 
     def _admit(self) -> list[RunningRequest]:
         """Take waiting requests while slots and the prefill budget last (at least one if a slot is free)."""
@@ -266,7 +284,7 @@ class GenerationScheduler:
             return
         self.batch.remove(gone)
         for seq in gone:
-            with self._cv:
+            with self._mutex:
                 self._end(seq, None if seq.cancelled else RequestTimeout(self._timeout_message()))
 
     def _timeout_message(self) -> str:
@@ -282,7 +300,7 @@ class GenerationScheduler:
                 GENERATED_TOKENS.inc(result.completion_tokens)
                 took = time.monotonic() - seq.submitted
                 self._mean_request_s = 0.9 * self._mean_request_s + 0.1 * took
-            with self._cv:
+            with self._mutex:
                 self._end(seq, error)
 
     def _end(self, seq: RunningRequest, error: MaskserveError | None) -> None:
@@ -295,7 +313,7 @@ class GenerationScheduler:
         self._active -= 1
 
     def _shutdown(self) -> None:
-        with self._cv:
+        with self._mutex:
             pending = list(self._waiting) + list(self.batch.rows)
             self._waiting.clear()
             for seq in pending:
@@ -305,5 +323,5 @@ class GenerationScheduler:
     # --- introspection ------------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        with self._cv:
+        with self._mutex:
             return {"running": len(self.batch.rows), "waiting": len(self._waiting), "active": self._active}
