@@ -65,7 +65,7 @@ class GenerationHandle:
         self._done = False
 
     def _post(self, event: TokenEvent | GenerationResult | MaskserveError) -> None:
-        """Called from the decode thread."""
+        """Called from the compute thread."""
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening any more
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
