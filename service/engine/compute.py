@@ -2,9 +2,9 @@
 
 Why one thread: torch's CPU kernels run on OpenMP, and every thread that runs a parallel region keeps its own
 OpenMP team. Once a process has more team threads than cores, libgomp throttles their spin-waits and each
-parallel region pays a futex wake-up instead. Measured on this 2-core machine (a 576x1536 matrix-vector
-product): 50 us while one thread computes, 160-200 us in *every* thread once a second thread has computed too.
-A whole one-token decode step of SmolLM2 took 47 ms in the thread that loaded the model and 90 ms in another.
+parallel region pays a futex wake-up instead. ``bench/threads.py`` on this 2-core machine: a 576x1536
+matrix-vector product takes 60 us while one thread computes and 179-196 us in both threads once a second one
+has computed; a SmolLM2 decode step 34.3 ms in the thread that loaded the model, 75.0 ms in another.
 So every piece of model work is submitted here, and the event loop's own small tensor work (masks, reports)
 runs with one OpenMP thread (:func:`keep_single_threaded`).
 """

@@ -16,10 +16,8 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.engine.loading import LoadedModel
+from tests.integration.attention_texts import PREFIX, SPAN_A, SPAN_B, isolate_two
 
-PREFIX = "the dog sees the red ball."
-SPAN_A = " the cat likes some bread."
-SPAN_B = " a bird likes some bread."
 QUESTION = " the teacher visits"
 
 
@@ -68,14 +66,7 @@ def test_isolated_segments_with_restarts_make_order_irrelevant(client: TestClien
     outs = []
     for first, second in ((SPAN_A, SPAN_B), (SPAN_B, SPAN_A)):
         prompt = PREFIX + first + second + QUESTION
-        a0 = len(PREFIX)
-        b0 = a0 + len(first)
-        att = {
-            "isolate": {
-                "segments": [{"start": a0, "end": b0}, {"start": b0, "end": b0 + len(second)}],
-                "restart_positions": True,
-            }
-        }
+        att = isolate_two(first, second)
         outs.append(generate(client, prompt, attention=att))
     assert [t["id"] for t in outs[0]["tokens"]] == [t["id"] for t in outs[1]["tokens"]]
     assert [t["logprob"] for t in outs[0]["tokens"]] == pytest.approx(

@@ -18,11 +18,9 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.engine.loading import LoadedModel
+from tests.integration.attention_texts import PREFIX, SPAN_A, SPAN_B, isolate_two
 
 URL = "/v1/fill-mask"
-PREFIX = "the dog sees the red ball."
-SPAN_A = " the cat likes some bread."
-SPAN_B = " a bird likes some bread."
 MASKED = " the [MASK] visits the old house."
 
 PARAMETERS: list[dict[str, Any]] = [
@@ -86,14 +84,7 @@ def test_isolated_segments_with_restarts_make_order_irrelevant(
     client, _ = model_client
     outs = []
     for first, second in ((SPAN_A, SPAN_B), (SPAN_B, SPAN_A)):
-        a0 = len(PREFIX)
-        b0 = a0 + len(first)
-        att = {
-            "isolate": {
-                "segments": [{"start": a0, "end": b0}, {"start": b0, "end": b0 + len(second)}],
-                "restart_positions": True,
-            }
-        }
+        att = isolate_two(first, second)
         outs.append(fill(client, PREFIX + first + second + MASKED, parameters=parameters, attention=att))
     assert [w for w, _ in scores(outs[0])] == [w for w, _ in scores(outs[1])]
     assert [s for _, s in scores(outs[0])] == pytest.approx([s for _, s in scores(outs[1])], abs=1e-6, rel=1e-4)
