@@ -23,7 +23,7 @@ from service.api.openai_schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    OpenAIUsage,
+    Usage,
     chat_logprobs,
     completion_logprobs,
 )
@@ -56,7 +56,7 @@ async def completions(body: CompletionRequest, engine: EngineDep, request: Reque
     choice = CompletionChoice(
         text=r.text, logprobs=completion_logprobs(list(r.tokens), with_lp), finish_reason=OPENAI_FINISH[r.finish_reason]
     )
-    return CompletionResponse(id=_id("cmpl", r), model=model, choices=[choice], usage=OpenAIUsage.of(r))
+    return CompletionResponse(id=_id("cmpl", r), model=model, choices=[choice], usage=Usage.of(r))
 
 
 async def _completion_chunks(
@@ -69,7 +69,7 @@ async def _completion_chunks(
             yield CompletionResponse(id=chunk_id, created=created, model=model, choices=[last]).model_dump()
             if usage:
                 done = CompletionResponse(id=chunk_id, created=created, model=model, choices=[])
-                done.usage = OpenAIUsage.of(event)
+                done.usage = Usage.of(event)
                 yield done.model_dump()
             yield "[DONE]"
             return
@@ -102,7 +102,7 @@ async def chat_completions(
         logprobs=chat_logprobs(list(r.tokens), body.logprobs),
         finish_reason=OPENAI_FINISH[r.finish_reason],
     )
-    return ChatCompletionResponse(id=_id("chatcmpl", r), model=model, choices=[choice], usage=OpenAIUsage.of(r))
+    return ChatCompletionResponse(id=_id("chatcmpl", r), model=model, choices=[choice], usage=Usage.of(r))
 
 
 async def _chat_chunks(
@@ -119,7 +119,7 @@ async def _chat_chunks(
             yield chunk([ChatChunkChoice(delta=ChatDelta(content=event.rest or None),
                                          finish_reason=OPENAI_FINISH[event.finish_reason])])  # fmt: skip
             if usage:
-                yield chunk([], usage=OpenAIUsage.of(event))
+                yield chunk([], usage=Usage.of(event))
             yield "[DONE]"
             return
         logprobs = chat_logprobs([event.token], with_lp)

@@ -15,9 +15,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.attention_schemas import AttentionSpec
-from service.api.generate_schemas import MAX_STOP, OutputMaskFields, Word, encode_prompt, make_job
+from service.api.generate_schemas import (  # Usage: the same wire shape as OpenAI's
+    MAX_STOP,
+    OutputMaskFields,
+    Usage,
+    Word,
+    encode_prompt,
+    make_job,
+)
 from service.config import Settings
-from service.engine.generate import MAX_TOP_LOGPROBS, FinishReason, GenerationJob, GenerationResult, TokenInfo
+from service.engine.generate import MAX_TOP_LOGPROBS, FinishReason, GenerationJob, TokenInfo
 from service.engine.scheduler import GenerationScheduler
 from service.errors import InvalidRequest
 
@@ -164,27 +171,13 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class OpenAIUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def of(cls, r: GenerationResult) -> OpenAIUsage:
-        return cls(
-            prompt_tokens=r.prompt_tokens,
-            completion_tokens=r.completion_tokens,
-            total_tokens=r.prompt_tokens + r.completion_tokens,
-        )
-
-
 class CompletionResponse(BaseModel):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[CompletionChoice]
-    usage: OpenAIUsage | None = None
+    usage: Usage | None = None
 
 
 def completion_logprobs(tokens: list[TokenInfo], with_logprobs: bool, start: int = 0) -> CompletionLogprobs | None:
@@ -351,7 +344,7 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
     choices: list[ChatChoice]
-    usage: OpenAIUsage
+    usage: Usage
     system_fingerprint: None = None
 
 
@@ -373,5 +366,5 @@ class ChatCompletionChunk(BaseModel):
     created: int
     model: str
     choices: list[ChatChunkChoice]
-    usage: OpenAIUsage | None = None
+    usage: Usage | None = None
     system_fingerprint: None = None
