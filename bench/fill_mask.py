@@ -166,9 +166,9 @@ class BareForward:
 
     def __init__(self, model_arg: str, adapter_arg: str) -> None:
         import torch
+        from service.engine.fill_mask import FillMaskCodec, Row, forward_rows, head_only_matches
 
         from service.config import load_settings
-        from service.engine.fill_mask import FillMaskCodec, Row, forward_rows, head_only_matches
         from service.engine.loading import load_model
         from service.masks.fill import fill_attention
 

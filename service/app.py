@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp
 
 from service.api import fill_mask, generate, health, masks, metrics, openai, playground
-from service.api.inspect import MaskStore
+from service.api.mask_store import MaskStore
 from service.api.openapi import document_errors
 from service.config import Settings, load_settings
 from service.engine.core import Engine

@@ -86,18 +86,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     settings = _settings(args)
     started = time.perf_counter()
     m = load_model(settings)
-    info = {
-        "model": m.name,
-        "kind": m.kind.value,
-        "adapter": m.adapter,
-        "adapter_objective": m.adapter_objective.value if m.adapter_objective else None,
-        "device": str(m.device),
-        "dtype": str(m.dtype).removeprefix("torch."),
-        "mask_token": m.mask_token,
-        "max_length": m.max_length,
-        "vocab_size": m.vocab_size,
-        "load_seconds": round(time.perf_counter() - started, 2),
-    }
+    info = {"model": m.name, **m.describe(), "vocab_size": m.vocab_size}
+    info["load_seconds"] = round(time.perf_counter() - started, 2)
     print(json.dumps(info, indent=2))
     return 0
 

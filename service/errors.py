@@ -19,6 +19,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.masks.errors import MaskError
+
 log = logging.getLogger("maskserve.errors")
 
 
@@ -111,6 +113,13 @@ class NotReady(MaskserveError):
         return {"Retry-After": "5"}
 
 
+class ClientGone(MaskserveError):
+    """499 (nginx's "client closed request"): the client went away and its work was stopped; nobody reads this."""
+
+    status_code = 499
+    error_type = "client_closed"
+
+
 class RequestTimeout(MaskserveError):
     """504: the request did not finish within MASKSERVE_REQUEST_TIMEOUT_S; its work was cancelled."""
 
@@ -160,6 +169,10 @@ def add_exception_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500 and not isinstance(exc, NotReady | RequestTimeout):
             log.error("internal error: %s", exc.message)
         return error_response(exc)
+
+    @app.exception_handler(MaskError)
+    async def _mask(_: Request, exc: MaskError) -> JSONResponse:
+        return error_response(InvalidRequest(str(exc), param=exc.param))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

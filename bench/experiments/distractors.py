@@ -47,16 +47,14 @@ from bench.experiments.common import (
     publish,
     seed_all,
 )
-from service.masks.attention import (
+from service.masks.attention import padding_mask, to_4d, to_additive
+from service.masks.constraints import (
     AttentionConstraints,
     TokenSpan,
     constrained_position_ids,
     constrained_structure,
     emphasis_key_bias,
     next_position,
-    padding_mask,
-    to_4d,
-    to_additive,
     validate_constraints,
 )
 from service.masks.spans import char_span_to_tokens

@@ -37,10 +37,11 @@ from bench.experiments.common import (
     parse_args,
     publish,
 )
-from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams
+from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, compile_job
 from service.engine.loading import LoadedModel
+from service.engine.params import SamplingParams
 from service.engine.vocab import ModelVocab
-from service.masks.output import OutputMaskSpec, compile_output_mask
+from service.masks.output import OutputMaskSpec
 
 NAME = "output_masks"
 LABELS = ("positive", "negative")
@@ -149,8 +150,8 @@ def generate(loaded: LoadedModel, vocab: ModelVocab, items: Sequence[Item], mask
             spec = mask_for(item) if masked else OutputMaskSpec()
             job = GenerationJob(list(tok(str(prompt), add_special_tokens=False)["input_ids"]),
                                 SamplingParams(max_new_tokens=max_new), spec)  # fmt: skip
-            mask = compile_output_mask(spec, vocab.vocabulary, encode=vocab.encode, grammars=vocab.grammars)
-            seqs.append(RunningRequest(job, mask, loaded.device))
+            compile_job(job, vocab, dtype=loaded.dtype, dims=loaded.attention_dims)
+            seqs.append(RunningRequest(job, loaded.device))
         with torch.inference_mode():
             engine.add(seqs)
             while engine.rows:

@@ -3,60 +3,28 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any
 
 import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, ValidationError
-from torch import Tensor
+from pydantic import BaseModel, ValidationError
 
-from service.api.fill_mask_schemas import FillMaskRequest
-from service.api.generate_schemas import GenerateRequest
 from service.api.health import EngineDep
-from service.api.inspect import DENSE_LIMIT, MaskStore, fill_mask_report, generate_report, token_decoder
+from service.api.mask_store import mask_store
+from service.api.protocol.fill_mask import FillMaskRequest
+from service.api.protocol.generate import GenerateRequest
+from service.api.protocol.masks import Format, MasksRequest, Picture
+from service.api.serving.fill_mask import fill_mask_job
+from service.api.serving.generate import generate_job
+from service.api.serving.reports import DENSE_LIMIT, fill_mask_report, generate_report, token_decoder
 from service.engine.core import Engine
-from service.engine.fill_mask import fill_attention_weights
-from service.engine.generate import prompt_attention_weights
+from service.engine.fill.job import FillMaskJob
+from service.engine.generate import GenerationJob
 from service.errors import ErrorResponse, InvalidRequest, NotFound
 from service.masks.inspect import dense_rows, render_heatmap_png
 
 router = APIRouter(tags=["masks"])
-Format = Literal["json", "png"]
-Picture = Literal["mask", "weights"]
-
-
-class MasksRequest(BaseModel):
-    endpoint: Literal["generate", "fill-mask"] = Field(description="Which endpoint the request is for.")
-    request: dict[str, Any] = Field(description="The request body, exactly as that endpoint takes it.")
-    dense: bool = Field(False, description="Also the dense 0/1 attention matrix (prompts of up to 512 tokens).")
-    attention_weights: bool = Field(
-        False,
-        description="Also run the prompt through the model once and report its attention weights, averaged "
-        "over heads (prompts of up to 512 tokens; fill-mask: the first input).",
-    )
-    attention_layer: int | None = Field(
-        None, ge=0, description="The layer whose weights to report; default: the mean over all layers."
-    )
-
-    model_config = {
-        "json_schema_extra": {
-            "examples": [
-                {
-                    "endpoint": "generate",
-                    "request": {
-                        "prompt": "Old memo: Monday. New memo: Friday. The day is",
-                        "attention": {"exclude": [{"start": 0, "end": 17}]},
-                    },
-                }
-            ]
-        }
-    }
-
-
-def mask_store(request: Request) -> MaskStore:
-    store: MaskStore = request.app.state.mask_store
-    return store
 
 
 def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
@@ -68,54 +36,24 @@ def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
         raise InvalidRequest(f"'{param}': {err['msg']}", param=param) from None
 
 
-class Plan(NamedTuple):
-    build: Callable[[bool], dict[str, Any]]  # dense -> the report
-    weights: Callable[[], dict[int, Tensor]]  # one forward of the prompt: per layer, weights averaged over heads
-
-
-def plan(engine: Engine, endpoint: str, body: dict[str, Any], request_id: str) -> Plan:
-    """The masks a request would get, as a lazy report builder; nothing is decoded."""
+async def plan(
+    engine: Engine, endpoint: str, body: dict[str, Any], request_id: str
+) -> tuple[GenerationJob | FillMaskJob, Callable[[bool], dict[str, Any]]]:
+    """The job a request would become, its masks compiled as for a real run, and its report builder
+    (dense -> report); nothing is decoded."""
     loaded = engine.require()
     decode = token_decoder(loaded.tokenizer)
-    lock = engine.compute_lock
     if endpoint == "generate":
         gen = engine.require_generation()
-        req: GenerateRequest = _parse(GenerateRequest, body)
-        encoded = req.encode(gen)
-        job = req.to_job(gen, engine.settings, encoded)
-        return Plan(
-            lambda dense: generate_report(
-                request_id, encoded.text, encoded.offsets, encoded.constraints, job, decode, dense=dense
-            ),
-            lambda: prompt_attention_weights(loaded.generation_model, job.prompt_ids, job.attention, lock),
-        )
+        job, encoded = generate_job(_parse(GenerateRequest, body), gen, engine.settings)
+        job.request_id = request_id
+        await engine.compute.run(gen.compile, job)
+        return job, lambda dense: generate_report(job, encoded, decode, dense=dense)
     worker = engine.fill_mask_worker()
-    fill: FillMaskRequest = _parse(FillMaskRequest, body)
-    fjob = fill.to_job(worker.codec, engine.settings)
-    mask_token = loaded.mask_token or ""
-    return Plan(
-        lambda dense: fill_mask_report(
-            request_id, fjob, mask_token, decode, loaded.mntp, dense=dense, dims=loaded.attention_dims
-        ),
-        lambda: fill_attention_weights(loaded, fjob.inputs[0], lock),
-    )
-
-
-async def weights_report(engine: Engine, report: dict[str, Any], planned: Plan, layer: int | None) -> dict[str, Any]:
-    """The prompt's attention weights, averaged over heads (and over layers unless ``layer``).  (T, T)"""
-    loaded = engine.require()
-    if not loaded.steerable:
-        raise InvalidRequest("attention weights need the model to run SDPA attention", param="attention_weights")
-    n_layers = loaded.attention_dims[0]
-    if layer is not None and layer >= n_layers:
-        raise InvalidRequest(f"the model has {n_layers} layers (0..{n_layers - 1})", param="attention_layer")
-    if len(report["tokens"]) > DENSE_LIMIT:
-        raise InvalidRequest(f"attention weights are offered for up to {DENSE_LIMIT} tokens", param="attention_weights")
-    per_layer = await engine.compute.run(planned.weights)
-    if len(per_layer) != n_layers:  # an architecture whose attention modules bypass AttentionInterface
-        raise InvalidRequest("this model's attention layers do not report their weights", param="attention_weights")
-    values = per_layer[layer] if layer is not None else torch.stack(list(per_layer.values())).mean(dim=0)  # (T, T)
-    return {"layer": layer, "heads": "mean", "values": values.round(decimals=5).tolist()}
+    fjob = fill_mask_job(_parse(FillMaskRequest, body), worker.codec, engine.settings)
+    fjob.request_id = request_id
+    worker.compile(fjob)
+    return fjob, lambda dense: fill_mask_report(fjob, loaded.mask_token or "", decode, loaded.mntp, dense=dense)
 
 
 def render(report: dict[str, Any], fmt: Format, picture: Picture = "mask") -> Response:
@@ -165,10 +103,13 @@ async def masks_dry_run(
             "'attention_layer' picks a layer of the attention weights; add \"attention_weights\": true",
             param="attention_layer",
         )
-    planned = plan(engine, body.endpoint, body.request, request_id)
-    report = planned.build(body.dense)
+    job, build = await plan(engine, body.endpoint, body.request, request_id)
+    report = build(body.dense)
     if body.attention_weights:
-        report["attention_weights"] = await weights_report(engine, report, planned, body.attention_layer)
+        values = await engine.attention_weights(job, body.attention_layer, max_tokens=DENSE_LIMIT)  # (T, T)
+        report["attention_weights"] = {
+            "layer": body.attention_layer, "heads": "mean", "values": values.round(decimals=5).tolist()
+        }  # fmt: skip
     return render(report, format, picture)
 
 

@@ -1,4 +1,4 @@
-"""Server-sent events for generation, and cancelling work whose client went away.
+"""Server-sent events for generation, and noticing a client that went away (to cancel its work).
 
 Starlette's ``StreamingResponse`` notices a closed connection only on its next write under ASGI 2.4 (uvicorn),
 so :class:`EventStream` listens for ``http.disconnect`` itself and cancels the generation at once: the slot
@@ -63,12 +63,17 @@ class EventStream(StreamingResponse):
             group.cancel_scope.cancel()
 
 
+async def disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def result_or_cancel(handle: GenerationHandle, request: Request) -> GenerationResult:
     """Wait for the whole answer; cancel the generation if the client disconnects meanwhile."""
 
     async def watch() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
+        await disconnected(request)
         handle.cancel()
 
     watcher = asyncio.create_task(watch())

@@ -10,12 +10,17 @@ import logging
 import threading
 from typing import Any
 
+import torch
+
 from service.config import Settings
 from service.engine.compute import ComputeThread, keep_single_threaded
-from service.engine.fill_mask import FillMaskWorker
+from service.engine.fill.forward import fill_attention_weights
+from service.engine.fill.job import FillMaskJob
+from service.engine.fill.worker import FillMaskWorker
+from service.engine.generate import GenerationJob, prompt_attention_weights
 from service.engine.loading import LoadedModel, load_model
 from service.engine.scheduler import GenerationScheduler
-from service.errors import NotReady, UnsupportedForModel
+from service.errors import InvalidRequest, NotReady, UnsupportedForModel
 
 log = logging.getLogger("maskserve.engine")
 
@@ -88,18 +93,36 @@ class Engine:
             )
         return self.fill_mask
 
+    @property
+    def model_id(self) -> str:
+        return self.require().name
+
     def info(self) -> dict[str, Any]:
-        m = self.require()
-        return {
-            "id": m.name,
-            "object": "model",
-            "owned_by": "maskserve",
-            "kind": m.kind.value,
-            "tasks": [t for t, ok in (("fill-mask", m.fill_mask_model), ("generate", m.generation_model)) if ok],
-            "adapter": m.adapter,
-            "adapter_objective": m.adapter_objective.value if m.adapter_objective else None,
-            "device": str(m.device),
-            "dtype": str(m.dtype).removeprefix("torch."),
-            "mask_token": m.mask_token,
-            "max_length": m.max_length,
-        }
+        """The hosted model, as ``GET /v1/models`` lists it."""
+        return {"id": self.model_id, "object": "model", "owned_by": "maskserve", **self.require().describe()}
+
+    async def attention_weights(
+        self, job: GenerationJob | FillMaskJob, layer: int | None, *, max_tokens: int
+    ) -> torch.Tensor:
+        """One forward of the job's prompt (fill-mask: its first input) under its compiled masks: the attention
+        weights averaged over heads, and over layers unless ``layer``.  # -> (T, T)"""
+        loaded = self.require()
+        if not loaded.steerable:
+            raise InvalidRequest("attention weights need the model to run SDPA attention", param="attention_weights")
+        n_layers = loaded.attention_dims[0]
+        if layer is not None and layer >= n_layers:
+            raise InvalidRequest(f"the model has {n_layers} layers (0..{n_layers - 1})", param="attention_layer")
+        n_tokens = len(job.prompt_ids) if isinstance(job, GenerationJob) else len(job.inputs[0].ids)
+        if n_tokens > max_tokens:
+            raise InvalidRequest(f"attention weights are offered for up to {max_tokens} tokens",
+                                 param="attention_weights")  # fmt: skip
+        if isinstance(job, GenerationJob):
+            model, ids, attention = loaded.generation_model, job.prompt_ids, job.attention
+            per_layer = await self.compute.run(prompt_attention_weights, model, ids, attention, self.compute_lock)
+        else:
+            per_layer = await self.compute.run(fill_attention_weights, loaded, job.inputs[0], self.compute_lock)
+        if len(per_layer) != n_layers:  # an architecture whose attention modules bypass AttentionInterface
+            raise InvalidRequest("this model's attention layers do not report their weights", param="attention_weights")
+        if layer is not None:
+            return per_layer[layer]
+        return torch.stack(list(per_layer.values())).mean(dim=0)  # (T, T)

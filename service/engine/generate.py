@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 from uuid import uuid4
 
@@ -28,55 +27,48 @@ import torch
 from torch import Tensor
 
 from service.engine.kv_cache import BatchKVCache
+from service.engine.params import FinishReason, SamplingParams
 from service.engine.steering import AttentionProbe
 from service.engine.text import TextTracker
 from service.engine.vocab import ModelVocab
-from service.masks.attention import DecodeMask, RequestAttention, ScopedBias, prefill_attention
+from service.masks.batch import DecodeMask, ScopedBias, batch_attention
+from service.masks.constraints import AttentionConstraints, RequestAttention, request_attention
+from service.masks.kinds import MaskKind
 from service.masks.output import (
     CompiledOutputMask,
     OutputMaskSpec,
     OutputMaskState,
     apply_output_masks,
+    compile_output_mask,
     mask_effect,
 )
-
-MAX_TOP_LOGPROBS = 20
-
-
-class FinishReason(StrEnum):
-    LENGTH = "length"  # max_new_tokens reached
-    EOS = "eos_token"  # the model ended (an end-of-sequence token)
-    STOP = "stop_sequence"  # a stop sequence appeared (it is not part of the text)
-    CONSTRAINT = "constraint"  # the output masks together left no token (e.g. a regex that needs a bad word)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_new_tokens: int
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = no limit
-    repetition_penalty: float = 1.0  # CTRL's penalty (Keskar et al. 2019), over prompt and output, as transformers
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    top_logprobs: int = 0  # alternatives reported per token
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 @dataclass
 class GenerationJob:
-    """One request, as the engine sees it: token ids and what to do with them."""
+    """One request, as the engine sees it: token ids, what to do with them, and the masks it asked for.
+
+    ``constraints`` and ``output_mask`` are the masks as the request gave them; ``GenerationScheduler.compile``
+    compiles them once, before the job runs, into ``attention`` and ``compiled_output``, which the decode loop
+    and the mask reports read.
+    """
 
     prompt_ids: list[int]
     params: SamplingParams
     output_mask: OutputMaskSpec = field(default_factory=OutputMaskSpec)
-    attention: RequestAttention | None = None  # None = plain causal (per-request masks plug in here)
+    constraints: AttentionConstraints = field(default_factory=AttentionConstraints)
     stream: bool = False
     record_masks: bool = False  # keep what the output mask did at every step (for inspection)
     request_id: str = field(default_factory=lambda: f"gen-{uuid4().hex}")
+    attention: RequestAttention | None = None  # compiled ``constraints``; None = plain causal
+    compiled_output: CompiledOutputMask | None = None  # compiled ``output_mask``; None = no output mask
+    compiled: bool = False
+
+    @property
+    def mask_kinds(self) -> tuple[MaskKind, ...]:
+        """Every kind of mask this job applies (for metrics and reports)."""
+        attention = self.attention.kinds if self.attention is not None else ()
+        return (*attention, *(self.compiled_output.kinds if self.compiled_output is not None else ()))
 
 
 @dataclass(frozen=True)
@@ -124,7 +116,6 @@ class GenerationResult:
     prompt_tokens: int
     seed: int
     rest: str  # text not yet sent in token events (streaming)
-    mask_kinds: tuple[str, ...] = ()
     mask_steps: tuple[MaskStep, ...] | None = None
 
     @property
@@ -132,13 +123,28 @@ class GenerationResult:
         return len(self.tokens)
 
 
+def compile_job(job: GenerationJob, vocab: ModelVocab, *, dtype: torch.dtype, dims: tuple[int, int]) -> None:
+    """Compile the job's masks once: its attention constraints (``dims``: the model's layers and heads, which
+    size emphasis on chosen ones) and its output masks. Raises MaskError naming the request field."""
+    if job.compiled:
+        return
+    job.attention = request_attention(len(job.prompt_ids), job.constraints, dtype, n_layers=dims[0], n_heads=dims[1])
+    job.compiled_output = compile_output_mask(
+        job.output_mask, vocab.vocabulary, encode=vocab.encode, grammars=vocab.grammars
+    )
+    job.compiled = True
+
+
 class RunningRequest:
     """A request while it runs: its tokens, masks, text and random generator."""
 
-    def __init__(self, job: GenerationJob, mask: CompiledOutputMask | None, device: torch.device) -> None:
+    def __init__(self, job: GenerationJob, device: torch.device) -> None:
+        if not job.compiled:
+            raise ValueError("compile the job's masks first (compile_job)")
         self.job = job
         self.params = job.params
         self.attention = job.attention or RequestAttention(len(job.prompt_ids))
+        mask = job.compiled_output
         self.mask_state: OutputMaskState | None = mask.new_state() if mask is not None else None
         self.seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
         self.generator: torch.Generator | None = None
@@ -171,7 +177,6 @@ class RunningRequest:
             prompt_tokens=len(self.job.prompt_ids),
             seed=self.seed,
             rest=self.text.take_rest(),
-            mask_kinds=self.mask_state.mask.kinds if self.mask_state else (),
             mask_steps=tuple(self.mask_steps) if self.mask_steps is not None else None,
         )
 
@@ -205,7 +210,7 @@ class DecodeBatch:
     def add(self, seqs: Sequence[RunningRequest]) -> list[RunningRequest]:
         """Prefill ``seqs`` in one forward and join the ones still running; returns those already finished."""
         attn = [s.attention for s in seqs]
-        mask4, positions, scoped = prefill_attention(attn, dtype=self.dtype, device=self.device)  # (B,1,T,T), (B,T)
+        mask4, positions, scoped, _ = batch_attention(attn, dtype=self.dtype, device=self.device)  # (B,1,T,T), (B,T)
         width = positions.shape[1]
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)  # (B, T)
         for b, s in enumerate(seqs):
@@ -353,7 +358,8 @@ def prompt_attention_weights(
     """Per layer, the attention weights (mean over heads) of the prompt as the prefill reads it.  # (T, T)"""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    mask, positions, scoped = prefill_attention([attention or RequestAttention(len(ids))], dtype=dtype, device=device)
+    rows = [attention or RequestAttention(len(ids))]
+    mask, positions, scoped, _ = batch_attention(rows, dtype=dtype, device=device)
     probe = AttentionProbe()
     extra: dict[str, Any] = {"attention_probe": probe, **({"scoped_bias": scoped} if scoped is not None else {})}
     with lock:

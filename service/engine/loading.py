@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 # Before transformers is imported anywhere: never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -99,6 +100,19 @@ class LoadedModel:
     def mntp(self) -> bool:
         """Fill-mask through a decoder: bidirectional mask, prediction for i read at i-1 (LLM2Vec)."""
         return self.kind is ModelKind.DECODER and self.fill_mask_model is not None
+
+    def describe(self) -> dict[str, Any]:
+        """What is served, for ``GET /v1/models`` and ``maskserve info``: names, never server paths."""
+        return {
+            "kind": self.kind.value,
+            "tasks": [t for t, ok in (("fill-mask", self.fill_mask_model), ("generate", self.generation_model)) if ok],
+            "adapter": Path(self.adapter).name if self.adapter else None,
+            "adapter_objective": self.adapter_objective.value if self.adapter_objective else None,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "mask_token": self.mask_token,
+            "max_length": self.max_length,
+        }
 
     @property
     def vocab_size(self) -> int:

@@ -1,7 +1,7 @@
 """Continuous batching: the decode loop runs as ticks on the compute thread; requests join and leave between.
 
-Routes call :meth:`GenerationScheduler.submit` (validates and compiles the request's masks on the compute
-thread, then queues it, or refuses with 429 when ``max_running_requests + max_queued_requests`` are taken) and
+Routes call :meth:`GenerationScheduler.submit` (compiles the request's masks once, on the compute thread, then
+queues it, or refuses with 429 when ``max_running_requests + max_queued_requests`` are taken) and
 read events from the returned :class:`GenerationHandle`: token events when streaming, then the result. Each
 tick drops cancelled and timed-out requests, admits waiting ones up to ``max_running_requests`` (prefilling
 them together, within a token budget), runs one decode step for the whole batch (holding
@@ -31,11 +31,11 @@ from service.engine.generate import (
     GenerationResult,
     RunningRequest,
     TokenEvent,
+    compile_job,
 )
 from service.engine.loading import LoadedModel
 from service.engine.vocab import ModelVocab
-from service.errors import InvalidRequest, MaskserveError, NotReady, Overloaded, RequestTimeout
-from service.masks.output import OutputMaskError, compile_output_mask
+from service.errors import ClientGone, InvalidRequest, MaskserveError, NotReady, Overloaded, RequestTimeout
 from service.metrics import BATCH_SIZE, GENERATED_TOKENS, MASKS_APPLIED, PROMPT_TOKENS, QUEUE_DEPTH, REJECTED, RUNNING
 
 log = logging.getLogger("maskserve.generate")
@@ -44,13 +44,6 @@ WORKER = "generate"
 # Most prompt tokens (padding included) prefilled in one forward: a burst of long prompts joins over several
 # steps instead of stalling the running batch for one huge prefill.
 PREFILL_TOKEN_BUDGET = 4096
-
-
-class ClientGone(MaskserveError):
-    """499 (nginx's "client closed request"): the client went away; nobody reads this answer."""
-
-    status_code = 499
-    error_type = "client_closed"
 
 
 class GenerationHandle:
@@ -149,40 +142,9 @@ class GenerationScheduler:
 
     # --- the route's side ---------------------------------------------------------------------------------------
 
-    def tokenize_prompt(self, prompt: str, param: str) -> list[int]:
-        ids = list(self.vocab.tokenizer(prompt)["input_ids"])
-        return self.check_prompt(ids, param)
-
-    def render_chat(self, messages: Sequence[dict[str, str]], param: str) -> str:
-        tok = self.vocab.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise InvalidRequest("this model has no chat template: send a plain 'prompt' instead", param=param)
-        try:
-            return str(tok.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False))
-        except Exception as exc:  # a template may reject a conversation (e.g. roles out of order)
-            raise InvalidRequest(f"the chat template rejected these messages: {exc}", param=param) from None
-
-    def tokenize_chat(self, messages: Sequence[dict[str, str]], param: str) -> list[int]:
-        ids = list(self.vocab.tokenizer(self.render_chat(messages, param), add_special_tokens=False)["input_ids"])
-        return self.check_prompt(ids, param)
-
-    def encode(self, text: str, param: str, *, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids and each token's character range in ``text`` (for attention spans)."""
-        enc = self.vocab.tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
-        offsets = [(int(a), int(b)) for a, b in enc["offset_mapping"]]
-        return self.check_prompt(list(enc["input_ids"]), param), offsets
-
-    def check_prompt(self, ids: list[int], param: str) -> list[int]:
-        if not ids:
-            raise InvalidRequest("the prompt is empty (no tokens)", param=param)
-        if len(ids) > self.loaded.max_length:
-            raise InvalidRequest(
-                f"the prompt has {len(ids)} tokens; at most {self.loaded.max_length} are accepted", param=param
-            )
-        return ids
-
     async def submit(self, job: GenerationJob, *, max_new_tokens_param: str = "max_new_tokens") -> GenerationHandle:
-        """Validate and compile the job's masks, then queue it. Raises InvalidRequest or Overloaded."""
+        """Check the job's length, compile its masks, then queue it. Raises InvalidRequest, MaskError or
+        Overloaded."""
         total = len(job.prompt_ids) + job.params.max_new_tokens
         if total > self.max_positions:
             raise InvalidRequest(
@@ -191,17 +153,8 @@ class GenerationScheduler:
                 param=max_new_tokens_param,
             )
         self._refuse_if_full()  # before compiling: a full server should answer fast
-        try:
-            mask = await self._compute.run(
-                compile_output_mask,
-                job.output_mask,
-                self.vocab.vocabulary,
-                encode=self.vocab.encode,
-                grammars=self.vocab.grammars,
-            )
-        except OutputMaskError as exc:
-            raise InvalidRequest(str(exc), param=exc.param) from None
-        seq = RunningRequest(job, mask, self.batch.device)
+        await self._compute.run(self.compile, job)
+        seq = RunningRequest(job, self.batch.device)
         seq.deadline = seq.submitted + self.settings.request_timeout_s
         handle = GenerationHandle(asyncio.get_running_loop(), seq, self)
         seq.emit = handle._post
@@ -211,11 +164,13 @@ class GenerationScheduler:
             self._waiting.append(seq)
             QUEUE_DEPTH.labels(WORKER).set(len(self._waiting))
             self._queue_tick()
-        for kind in mask.kinds if mask else ():
+        for kind in job.mask_kinds:
             MASKS_APPLIED.labels(kind).inc()
-        for kind in job.attention.kinds if job.attention else ():
-            MASKS_APPLIED.labels(f"attention_{kind}").inc()
         return handle
+
+    def compile(self, job: GenerationJob) -> None:
+        """Compile the job's masks once (run it on the compute thread); raises MaskError naming the field."""
+        compile_job(job, self.vocab, dtype=self.batch.dtype, dims=self.loaded.attention_dims)
 
     def _refuse_if_full(self) -> None:
         capacity = self.settings.max_running_requests + self.settings.max_queued_requests

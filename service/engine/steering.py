@@ -25,7 +25,8 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from service.masks.attention import ScopedBias, causal_mask, to_additive
+from service.masks.attention import causal_mask, to_additive
+from service.masks.batch import ScopedBias
 
 log = logging.getLogger("maskserve.steering")
 

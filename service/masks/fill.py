@@ -4,8 +4,8 @@
   whole-word fills) and filled left to right (:func:`expand_mask`);
 - attention mask: right padding + a bidirectional structure, as one additive 4D mask with explicit position
   ids (:func:`fill_attention`), so a row's scores do not depend on what it is batched with; a request's
-  attention constraints (exclude, isolate, emphasis) shape its rows' structure, and follow a mask as it is
-  widened (:func:`widen_constraints`, :func:`check_fill_constraints`);
+  attention constraints (exclude, isolate, emphasis), compiled once per request for every width a search
+  gives its masks (:func:`compile_fill_attention`), shape its rows (:func:`check_fill_constraints` first);
 - read positions: an encoder predicts position i from its own output; an MNTP decoder from the output at
   i-1 (:func:`read_position`);
 - output mask: which vocabulary entries may fill a position (:func:`restrict_vocab`).
@@ -13,25 +13,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from service.masks.attention import (
-    AttentionConstraints,
-    ScopedBias,
-    SpanError,
-    TokenSpan,
-    bidirectional_mask,
-    padding_mask,
-    position_ids,
-    request_attention,
-    to_4d,
-    to_additive,
-)
+from service.masks.batch import ScopedBias, batch_attention
+from service.masks.constraints import AttentionConstraints, RequestAttention, TokenSpan, request_attention
+from service.masks.errors import MaskError
 
 
 class FillAttention(NamedTuple):
@@ -46,77 +37,77 @@ def fill_attention(
     lengths: Sequence[int],
     dtype: torch.dtype,
     device: torch.device | None = None,
-    constraints: Sequence[AttentionConstraints | None] | None = None,
-    dims: tuple[int, int] = (0, 0),
+    rows: Sequence[RequestAttention | None] | None = None,
 ) -> FillAttention:
-    """Masks for a right-padded batch read bidirectionally (encoders, MNTP decoders).
+    """Masks for a right-padded batch read bidirectionally (encoders, MNTP decoders): the batch assembly of
+    ``service/masks/batch.py`` over each row's compiled constraints (None: unconstrained).
 
-    ``constraints`` (one per row, in that row's token positions) narrow a row's structure, bias its keys and
-    restart its positions; ``dims`` (layers, heads) sizes the scope of emphasis on chosen layers/heads.
     Additive rather than bool: SDPA takes both, the eager attention path only adds a float mask.
     """
-    key = padding_mask(lengths, side="right", device=device)  # (B, S)
-    width = key.shape[1]
-    rows = [
-        request_attention(n, c, dtype, causal=False, n_layers=dims[0], n_heads=dims[1]) if c is not None else None
-        for n, c in zip(lengths, constraints or [None] * len(lengths), strict=True)
-    ]
-    if all(r is None for r in rows):
-        attention = to_additive(to_4d(key, bidirectional_mask(width, device=device)), dtype)  # (B, 1, S, S)
-        return FillAttention(key, attention, position_ids(key))
-    structure = bidirectional_mask(width, device=device).repeat(len(lengths), 1, 1)  # (B, S, S)
-    positions = position_ids(key)  # (B, S)
-    bias = torch.zeros(len(lengths), width, dtype=dtype, device=device)  # (B, S)
-    scope: list[Tensor | None] = []
-    for b, row in enumerate(rows):
-        scope.append(row.bias_scope if row is not None else None)
-        if row is None:
-            continue
-        n = row.length
-        if row.structure is not None:
-            structure[b, :n, :n] = row.structure.to(device)
-        if row.positions is not None:
-            positions[b, :n] = row.positions.to(device)
-        if row.key_bias is not None:
-            bias[b, :n] = row.key_bias.to(device=device, dtype=dtype)
-    attention = to_additive(to_4d(key, structure), dtype)  # (B, 1, S, S)
-    restarted = any(r is not None and r.positions is not None for r in rows)
-    scoped = [s for s in scope if s is not None]
-    if not scoped:
-        return FillAttention(key, attention + bias[:, None, None, :], positions, None, restarted)
-    every = torch.ones_like(scoped[0])  # (L, H): rows without a scope (or a bias: theirs is 0) apply it on all
-    scopes = torch.stack([s if s is not None else every for s in scope]).to(device)  # (B, L, H)
-    return FillAttention(key, attention, positions, ScopedBias(bias, scopes), restarted)
+    compiled = [r if r is not None else RequestAttention(n) for n, r in zip(lengths, rows or [None] * len(lengths),
+                                                                             strict=True)]  # fmt: skip
+    masks = batch_attention(compiled, dtype=dtype, side="right", causal=False, additive=True, device=device)
+    restarted = any(r.positions is not None for r in compiled)
+    return FillAttention(masks.key_mask, masks.mask, masks.positions, masks.scoped_bias, restarted)
+
+
+@dataclass(frozen=True)
+class FillRowAttention:
+    """One fill-mask input's attention constraints, compiled once per request: the input as written
+    (``base``) and, for each mask a search widens to ``1 + extra`` tokens, the widened input."""
+
+    base: RequestAttention
+    widened: Mapping[tuple[int, int], RequestAttention]  # (mask index, extra) -> the widened input's
+
+    def at(self, index: int, extra: int) -> RequestAttention:
+        return self.base if extra == 0 else self.widened[(index, extra)]
+
+
+def compile_fill_attention(
+    constraints: AttentionConstraints,
+    n: int,
+    mask_indices: Sequence[int],
+    extras: Sequence[int],
+    dtype: torch.dtype,
+    dims: tuple[int, int] = (0, 0),
+) -> FillRowAttention | None:
+    """Compile an input's constraints for every geometry its searches use (None when there are none).
+    ``dims`` (layers, heads) sizes the scope of emphasis on chosen layers/heads."""
+
+    def compile_one(c: AttentionConstraints, length: int) -> RequestAttention:
+        row = request_attention(length, c, dtype, causal=False, n_layers=dims[0], n_heads=dims[1])
+        assert row is not None  # widening keeps every span
+        return row
+
+    if constraints.empty:
+        return None
+    widened = {
+        (i, extra): compile_one(widen_constraints(constraints, i, extra), n + extra)
+        for i in mask_indices
+        for extra in extras
+        if extra > 0
+    }
+    return FillRowAttention(compile_one(constraints, n), widened)
 
 
 def widen_constraints(constraints: AttentionConstraints, index: int, extra: int) -> AttentionConstraints:
     """Follow :func:`expand_mask`: the one token at ``index`` becomes ``1 + extra`` tokens. Spans after it
-    shift by ``extra``; a span that holds it grows by ``extra``."""
+    shift by ``extra``; a span that holds it grows by ``extra``. Every span group moves (``map_spans``)."""
     if extra == 0 or constraints.empty:
         return constraints
-
-    def move(spans: tuple[TokenSpan, ...]) -> tuple[TokenSpan, ...]:
-        return tuple(
-            TokenSpan(s.start + extra if s.start > index else s.start, s.end + extra if s.end > index else s.end)
-            for s in spans
-        )
-
-    return replace(
-        constraints,
-        exclude=move(constraints.exclude),
-        isolate=move(constraints.isolate),
-        emphasis=move(constraints.emphasis),
+    return constraints.map_spans(
+        lambda s: TokenSpan(s.start + extra if s.start > index else s.start, s.end + extra if s.end > index else s.end)
     )
 
 
 def check_fill_constraints(constraints: AttentionConstraints, mask_indices: Sequence[int], *, mntp: bool) -> None:
     """An excluded span must not hold a mask, nor (MNTP) the token before one, where its prediction is read:
-    the prediction would then see only the span. Raises SpanError naming the span."""
+    the prediction would then see only the span. Raises MaskError naming the span."""
     reads = {read_position(i, mntp=mntp) for i in mask_indices} | set(mask_indices)
     for k, span in enumerate(constraints.exclude):
         if any(span.start <= r < span.end for r in reads):
             where = "a mask" + (" or the token just before one (where this model reads it)" if mntp else "")
-            raise SpanError(f"attention.exclude[{k}]", f"covers {where}; exclude only context around the masks")
+            raise MaskError(f"attention.exclude[{k}]", f"covers {where}; exclude only context around the masks")
 
 
 def read_position(mask_index: int, *, mntp: bool) -> int:

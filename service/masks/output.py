@@ -1,9 +1,9 @@
 """Output masks: which tokens may come next, per request and per decode step.
 
-A request's :class:`OutputMaskSpec` is compiled once, before decoding (every problem is an
-:class:`OutputMaskError` naming the request parameter), into a :class:`CompiledOutputMask`; each running request
-then holds an :class:`OutputMaskState` that advances with every token it generates. :func:`apply_output_masks`
-applies a batch's states to its ``(B, V)`` logits in place: blocked tokens become ``-inf``.
+A request's :class:`OutputMaskSpec` is compiled once, before decoding (every problem is a ``MaskError`` naming the
+request parameter), into a :class:`CompiledOutputMask`; each running request then holds an
+:class:`OutputMaskState` that advances with every token it generates. :func:`apply_output_masks` applies a
+batch's states to its ``(B, V)`` logits in place: blocked tokens become ``-inf``.
 
 What each mask does (in this order):
 
@@ -11,7 +11,7 @@ What each mask does (in this order):
 - ``allowed_token_ids`` / ``allowed_words``: only these tokens (the tokens of each word, with and without a
   leading space) and the end-of-sequence token may come next;
 - ``bad_words``: the words never appear in the output text, however they would be spelt in tokens. Matching is
-  on the bytes of the text, with an Aho-Corasick automaton over the words (Aho & Corasick, 1975): its state is
+  on the bytes of the text, with an Aho-Corasick automaton (``service/masks/bad_words.py``): its state is
   the longest suffix of the output that is a prefix of some word, and a token is blocked when it would complete
   a word from any such suffix, or contains a whole word. So a word is blocked with or without a leading space,
   split into any tokens, and inside longer words too (``"cat"`` also blocks ``"concatenate"``); case matters.
@@ -29,177 +29,23 @@ Logits and bitmasks are tensors; no model is touched here. The vocabulary reache
 
 from __future__ import annotations
 
-import bisect
 import json
-import threading
-from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any
 
 import torch
 import xgrammar as xgr
 from torch import Tensor
 
+from service.masks.bad_words import BadWords
+from service.masks.errors import MaskError
+from service.masks.grammar import GrammarCache, choice_grammar
+from service.masks.kinds import MaskKind
+from service.masks.vocabulary import Vocabulary
+
 NEG_INF = float("-inf")
 RECORD_TOP = 5  # removed tokens recorded per step when a request asks for its masks
-
-
-class OutputMaskError(ValueError):
-    """An output mask that cannot work; ``param`` names the request parameter (e.g. ``bad_words[2]``)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(f"{param}: {message}")
-        self.param = param
-        self.message = message
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """What output masks need to know of the model's vocabulary.
-
-    ``token_bytes[i]`` is what token ``i`` adds to the output text (``b""`` for special tokens, which decoding
-    skips; ids past the tokenizer's vocabulary also get ``b""``). ``size`` is the model's logit width.
-    """
-
-    token_bytes: tuple[bytes, ...]
-    eos_ids: frozenset[int]
-    special_ids: frozenset[int]
-
-    @property
-    def size(self) -> int:
-        return len(self.token_bytes)
-
-    @cached_property
-    def _sorted(self) -> tuple[list[bytes], list[int]]:
-        order = sorted((b, i) for i, b in enumerate(self.token_bytes) if b)
-        return [b for b, _ in order], [i for _, i in order]
-
-    def ids_starting_with(self, prefix: bytes) -> list[int]:
-        """Tokens whose bytes start with ``prefix`` (a contiguous range of the sorted vocabulary)."""
-        keys, ids = self._sorted
-        lo = bisect.bisect_left(keys, prefix)
-        hi = lo
-        while hi < len(keys) and keys[hi].startswith(prefix):
-            hi += 1
-        return ids[lo:hi]
-
-
-# --- bad words: an Aho-Corasick automaton over the words' bytes ------------------------------------------------
-
-
-class BadWords:
-    """Compiled once per set of words; the per-request state is just a node number (0 = root)."""
-
-    def __init__(self, words: Sequence[bytes], vocab: Vocabulary) -> None:
-        self.words = tuple(words)
-        goto: list[dict[int, int]] = [{}]
-        prefix: list[bytes] = [b""]
-        for word in self.words:
-            node = 0
-            for i, byte in enumerate(word):
-                if byte not in goto[node]:
-                    goto.append({})
-                    prefix.append(word[: i + 1])
-                    goto[node][byte] = len(goto) - 1
-                node = goto[node][byte]
-        self._goto = goto
-        self._fail = self._failure_links(goto)
-        # Tokens containing a whole word are blocked at every step.
-        contains = [i for i, b in enumerate(vocab.token_bytes) if b and any(w in b for w in self.words)]
-        self.always = torch.zeros(vocab.size, dtype=torch.bool)  # (V,)
-        self.always[contains] = True
-        # At node n (the output ends with prefix[n], and with every prefix on n's failure chain), a token is
-        # blocked when it starts with the rest of a word that begins with one of those suffixes.
-        self._blocked: list[Tensor] = []
-        for node in range(len(goto)):
-            ids: set[int] = set()
-            q = node
-            while q:
-                for word in self.words:
-                    if word.startswith(prefix[q]) and len(word) > len(prefix[q]):
-                        ids.update(vocab.ids_starting_with(word[len(prefix[q]) :]))
-                q = self._fail[q]
-            self._blocked.append(torch.tensor(sorted(ids), dtype=torch.long))
-
-    @staticmethod
-    def _failure_links(goto: list[dict[int, int]]) -> list[int]:
-        """fail[n]: the node of the longest proper suffix of prefix[n] that is also a prefix of some word."""
-        fail = [0] * len(goto)
-        queue = deque(goto[0].values())  # breadth first: a node's failure link is known before its children's
-        while queue:
-            node = queue.popleft()
-            for byte, child in goto[node].items():
-                f = fail[node]
-                while f and byte not in goto[f]:
-                    f = fail[f]
-                fail[child] = goto[f].get(byte, 0)
-                queue.append(child)
-        return fail
-
-    def advance(self, node: int, data: bytes) -> int:
-        """The automaton's state after the output grew by ``data``."""
-        for byte in data:
-            while node and byte not in self._goto[node]:
-                node = self._fail[node]
-            node = self._goto[node].get(byte, 0)
-        return node
-
-    def blocked(self, node: int) -> Tensor:
-        """Token ids that would complete a word from state ``node`` (besides ``always``).  # (k,) long"""
-        return self._blocked[node]
-
-
-# --- grammars (xgrammar) with a bounded compile cache ----------------------------------------------------------
-
-
-class GrammarCache:
-    """Compiled grammars, least recently used dropped beyond ``size``. Safe to call from several threads."""
-
-    def __init__(self, compiler: xgr.GrammarCompiler, size: int) -> None:
-        self._compiler = compiler
-        self._size = size
-        self._items: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, kind: str, source: str) -> xgr.CompiledGrammar:
-        key = (kind, source)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key]
-            self.misses += 1
-        compiled = self._compile(kind, source)  # outside the lock: compiling may take a while
-        with self._lock:
-            self._items[key] = compiled
-            self._items.move_to_end(key)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
-        return compiled
-
-    def _compile(self, kind: str, source: str) -> xgr.CompiledGrammar:
-        if kind == "regex":
-            return self._compiler.compile_regex(source)
-        if kind == "json_schema":
-            # any_whitespace=False: free whitespace lets small models pad forever (vLLM disables it too).
-            return self._compiler.compile_json_schema(source, any_whitespace=False)
-        if kind == "ebnf":
-            return self._compiler.compile_grammar(source)
-        raise ValueError(f"unknown grammar kind {kind!r}")
-
-
-def choice_grammar(options: Sequence[str]) -> str:
-    """EBNF accepting exactly one of the options (JSON string literals are valid xgrammar EBNF literals)."""
-    return "root ::= " + " | ".join(json.dumps(o) for o in options)
-
-
-# --- spec, compiled mask, per-request state ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -237,7 +83,7 @@ class CompiledOutputMask:
     grammar: xgr.CompiledGrammar | None
     min_tokens: int
     eos_ids: Tensor  # (e,) long
-    kinds: tuple[str, ...]  # which masks are active, for metrics and inspection
+    kinds: tuple[MaskKind, ...]  # which masks are active, for metrics and inspection
 
     def new_state(self) -> OutputMaskState:
         return OutputMaskState(self)
@@ -273,11 +119,11 @@ def compile_output_mask(
     encode: Callable[[str], list[int]],
     grammars: GrammarCache | None,
 ) -> CompiledOutputMask | None:
-    """Validate and compile a spec (None when it asks for nothing). Raises OutputMaskError naming the param."""
+    """Validate and compile a spec (None when it asks for nothing). Raises MaskError naming the param."""
     if spec.empty:
         return None
     size = vocab.size
-    kinds: list[str] = []
+    kinds: list[MaskKind] = []
     eos = sorted(vocab.eos_ids)
     blocked = torch.zeros(size, dtype=torch.bool)  # (V,)
 
@@ -287,37 +133,36 @@ def compile_output_mask(
         allowed[eos] = True
         for i, tid in enumerate(spec.allowed_token_ids or ()):
             if not 0 <= tid < size:
-                raise OutputMaskError(
-                    f"{spec.param('allowed_token_ids')}[{i}]", f"{tid} is not a token id (0..{size - 1})"
-                )
+                raise MaskError(f"{spec.param('allowed_token_ids')}[{i}]", f"{tid} is not a token id (0..{size - 1})")
             allowed[tid] = True
         for i, word in enumerate(spec.allowed_words or ()):
             ids = {t for variant in (word, " " + word) for t in encode(variant)} if word.strip() else set()
             if not ids:
-                raise OutputMaskError(f"{spec.param('allowed_words')}[{i}]", "must contain a non-space character")
+                raise MaskError(f"{spec.param('allowed_words')}[{i}]", "must contain a non-space character")
             allowed[sorted(ids)] = True
         blocked |= ~allowed
-        kinds.append("allowed_tokens")
+        kinds += [MaskKind.ALLOWED_TOKEN_IDS] if spec.allowed_token_ids is not None else []
+        kinds += [MaskKind.ALLOWED_WORDS] if spec.allowed_words is not None else []
 
     # bad words
     bad: BadWords | None = None
     if spec.bad_words:
         for i, word in enumerate(spec.bad_words):
             if not word:
-                raise OutputMaskError(f"{spec.param('bad_words')}[{i}]", "must not be empty")
+                raise MaskError(f"{spec.param('bad_words')}[{i}]", "must not be empty")
         bad = BadWords([w.encode() for w in dict.fromkeys(spec.bad_words)], vocab)
         blocked |= bad.always
-        kinds.append("bad_words")
+        kinds.append(MaskKind.BAD_WORDS)
     open_ids = ~blocked
     open_ids[eos] = False
-    if "allowed_tokens" in kinds and not bool(open_ids.any()):
+    if (spec.allowed_token_ids is not None or spec.allowed_words is not None) and not bool(open_ids.any()):
         name = "allowed_token_ids" if spec.allowed_token_ids else "allowed_words"
-        raise OutputMaskError(spec.param(name), "every allowed token contains a bad word (or is end-of-sequence)")
+        raise MaskError(spec.param(name), "every allowed token contains a bad word (or is end-of-sequence)")
 
     # grammar
-    grammar = _compile_grammar(spec, grammars, bad)
-    if grammar is not None:
-        kinds.append("grammar")
+    grammar, grammar_kind = _compile_grammar(spec, grammars, bad)
+    if grammar is not None and grammar_kind is not None:
+        kinds.append(grammar_kind)
         specials = sorted(vocab.special_ids - vocab.eos_ids)
         blocked[specials] = True
 
@@ -326,15 +171,15 @@ def compile_output_mask(
     if spec.logit_bias:
         for tid, _ in spec.logit_bias:
             if not 0 <= tid < size:
-                raise OutputMaskError(f"{spec.param('logit_bias')}.{tid}", f"{tid} is not a token id (0..{size - 1})")
+                raise MaskError(f"{spec.param('logit_bias')}.{tid}", f"{tid} is not a token id (0..{size - 1})")
         bias_ids = torch.tensor([t for t, _ in spec.logit_bias], dtype=torch.long)
         bias_values = torch.tensor([v for _, v in spec.logit_bias], dtype=torch.float32)
-        kinds.append("logit_bias")
+        kinds.append(MaskKind.LOGIT_BIAS)
 
     if spec.min_tokens:
         if not bool(open_ids.any()):
-            raise OutputMaskError(spec.param("min_tokens"), "the other masks allow no token but end-of-sequence")
-        kinds.append("min_tokens")
+            raise MaskError(spec.param("min_tokens"), "the other masks allow no token but end-of-sequence")
+        kinds.append(MaskKind.MIN_TOKENS)
     return CompiledOutputMask(
         blocked=blocked if bool(blocked.any()) else None,
         bias_ids=bias_ids,
@@ -349,30 +194,31 @@ def compile_output_mask(
 
 def _compile_grammar(
     spec: OutputMaskSpec, grammars: GrammarCache | None, bad: BadWords | None
-) -> xgr.CompiledGrammar | None:
+) -> tuple[xgr.CompiledGrammar | None, MaskKind | None]:
     given = [
-        name
-        for name, value in (
-            ("choice", spec.choice is not None),
-            ("regex", spec.regex is not None),
-            ("json_schema", spec.json_schema is not None),
-            ("json_object", spec.json_object),
+        kind
+        for kind, value in (
+            (MaskKind.CHOICE, spec.choice is not None),
+            (MaskKind.REGEX, spec.regex is not None),
+            (MaskKind.JSON_SCHEMA, spec.json_schema is not None),
+            (MaskKind.JSON_OBJECT, spec.json_object),
         )
         if value
     ]
     if not given:
-        return None
+        return None, None
     if len(given) > 1:
-        raise OutputMaskError(spec.param(given[1]), f"give only one of choice, regex, json_schema (got {given})")
+        names = [str(k) for k in given]
+        raise MaskError(spec.param(given[1]), f"give only one of choice, regex, json_schema (got {names})")
     if grammars is None:
-        raise OutputMaskError(spec.param(given[0]), "structured outputs are not available for this model")
+        raise MaskError(spec.param(given[0]), "structured outputs are not available for this model")
     kind, source, param = _grammar_source(spec, bad)
     try:
-        return grammars.get(kind, source)
+        return grammars.get(kind, source), given[0]
     except RuntimeError as exc:  # xgrammar reports invalid regexes and schemas as RuntimeError
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         reason = reason.split("] ", 1)[-1].split(": ", 1)[-1] if "] " in reason else reason
-        raise OutputMaskError(param, f"cannot be compiled: {reason}") from None
+        raise MaskError(param, f"cannot be compiled: {reason}") from None
 
 
 def _grammar_source(spec: OutputMaskSpec, bad: BadWords | None) -> tuple[str, str, str]:
@@ -380,24 +226,24 @@ def _grammar_source(spec: OutputMaskSpec, bad: BadWords | None) -> tuple[str, st
         param = spec.param("choice")
         for i, option in enumerate(spec.choice):
             if not option:
-                raise OutputMaskError(f"{param}[{i}]", "options must not be empty")
+                raise MaskError(f"{param}[{i}]", "options must not be empty")
         # An option containing a bad word could never be finished: it is dropped rather than started.
         options = [o for o in dict.fromkeys(spec.choice) if bad is None or not any(w in o.encode() for w in bad.words)]
         if not options:
-            raise OutputMaskError(param, "every option contains a bad word")
+            raise MaskError(param, "every option contains a bad word")
         return "ebnf", choice_grammar(options), param
     if spec.regex is not None:
         if not spec.regex:
-            raise OutputMaskError(spec.param("regex"), "must not be empty")
+            raise MaskError(spec.param("regex"), "must not be empty")
         return "regex", spec.regex, spec.param("regex")
     if spec.json_schema is not None:
         param = spec.param("json_schema")
         try:
             schema: Any = json.loads(spec.json_schema)
         except json.JSONDecodeError as exc:
-            raise OutputMaskError(param, f"is not valid JSON: {exc.msg}") from None
+            raise MaskError(param, f"is not valid JSON: {exc.msg}") from None
         if not isinstance(schema, dict):
-            raise OutputMaskError(param, "must be a JSON object (a JSON Schema)")
+            raise MaskError(param, "must be a JSON object (a JSON Schema)")
         # Keep the client's property order: xgrammar emits properties in schema order, and sorting them made
         # SmolLM2 write "age" before "name" and get it wrong (docs/interference.md, experiment 6).
         return "json_schema", json.dumps(schema), param

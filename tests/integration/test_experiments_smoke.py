@@ -12,7 +12,7 @@ import torch
 
 from bench.experiments import distractors, loss_mask, masking_ratio, output_masks, packing, padding
 from bench.experiments.common import Result, load_decoder
-from service.masks.attention import AttentionConstraints
+from service.masks.constraints import AttentionConstraints
 
 EXPERIMENTS = [padding, packing, loss_mask, masking_ratio, distractors, output_masks]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,8 +11,9 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings, load_settings
-from service.engine.generate import GenerationJob, SamplingParams
+from service.engine.generate import GenerationJob
 from service.engine.loading import LoadedModel
+from service.engine.params import SamplingParams
 from service.engine.scheduler import GenerationScheduler
 from service.errors import Overloaded, RequestTimeout
 

@@ -8,11 +8,12 @@ from collections.abc import Callable, Sequence
 import pytest
 import torch
 
-from service.engine.generate import DecodeBatch, FinishReason, GenerationJob, RunningRequest, SamplingParams
+from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, compile_job
 from service.engine.loading import LoadedModel
+from service.engine.params import FinishReason, SamplingParams
 from service.engine.vocab import ModelVocab
-from service.masks.attention import AttentionConstraints, TokenSpan, request_attention
-from service.masks.output import OutputMaskSpec, compile_output_mask
+from service.masks.constraints import AttentionConstraints, TokenSpan
+from service.masks.output import OutputMaskSpec
 
 PROMPTS = [
     "the dog sees the red ball.",
@@ -36,11 +37,24 @@ def batch(tiny_llama: LoadedModel, vocab: ModelVocab) -> DecodeBatch:
 def make(
     tiny: LoadedModel, vocab: ModelVocab, prompt: str, n: int = 12, spec: OutputMaskSpec | None = None, **kw: object
 ) -> RunningRequest:
+    return RunningRequest(spec_job(tiny, vocab, prompt, n, spec, **kw), torch.device("cpu"))
+
+
+def spec_job(
+    tiny: LoadedModel,
+    vocab: ModelVocab,
+    prompt: str,
+    n: int = 12,
+    spec: OutputMaskSpec | None = None,
+    constraints: AttentionConstraints | None = None,
+    **kw: object,
+) -> GenerationJob:
     job = GenerationJob(
         list(tiny.tokenizer(prompt)["input_ids"]), SamplingParams(max_new_tokens=n, **kw), spec or OutputMaskSpec()
     )  # type: ignore[arg-type]
-    mask = compile_output_mask(job.output_mask, vocab.vocabulary, encode=vocab.encode, grammars=vocab.grammars)
-    return RunningRequest(job, mask, torch.device("cpu"))
+    job.constraints = constraints or AttentionConstraints()
+    compile_job(job, vocab, dtype=torch.float32, dims=tiny.attention_dims)
+    return job
 
 
 def drive(batch: DecodeBatch, arrivals: dict[int, Sequence[RunningRequest]]) -> None:
@@ -200,10 +214,7 @@ def test_grammar_cache_is_bounded(tiny_llama: LoadedModel) -> None:
 
 
 def constrained(tiny: LoadedModel, vocab: ModelVocab, prompt: str, c: AttentionConstraints) -> RunningRequest:
-    job = make(tiny, vocab, prompt, n=8).job
-    n_layers, n_heads = tiny.attention_dims
-    job.attention = request_attention(len(job.prompt_ids), c, torch.float32, n_layers=n_layers, n_heads=n_heads)
-    return RunningRequest(job, None, torch.device("cpu"))  # the attention is read when the request is made
+    return RunningRequest(spec_job(tiny, vocab, prompt, n=8, constraints=c), torch.device("cpu"))
 
 
 def logprobs(seq: RunningRequest) -> list[float]:

@@ -8,10 +8,11 @@ import threading
 
 import torch
 
-from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams
+from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, compile_job
 from service.engine.loading import LoadedModel
+from service.engine.params import SamplingParams
 from service.engine.vocab import ModelVocab
-from service.masks.output import OutputMaskSpec, compile_output_mask
+from service.masks.output import OutputMaskSpec
 
 
 def test_properties_come_in_the_schema_order(tiny_llama: LoadedModel) -> None:
@@ -20,8 +21,8 @@ def test_properties_come_in_the_schema_order(tiny_llama: LoadedModel) -> None:
               "required": ["zebra", "apple"], "additionalProperties": False}  # fmt: skip
     spec = OutputMaskSpec(json_schema=json.dumps(schema))
     job = GenerationJob(list(tiny_llama.tokenizer("the dog")["input_ids"]), SamplingParams(max_new_tokens=12), spec)
-    mask = compile_output_mask(spec, vocab.vocabulary, encode=vocab.encode, grammars=vocab.grammars)
-    seq = RunningRequest(job, mask, torch.device("cpu"))
+    compile_job(job, vocab, dtype=torch.float32, dims=tiny_llama.attention_dims)
+    seq = RunningRequest(job, torch.device("cpu"))
     batch = DecodeBatch(tiny_llama.generation_model, vocab, lock=threading.Lock(), pad_id=0)
     batch.add([seq])
     while batch.rows:

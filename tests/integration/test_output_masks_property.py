@@ -17,10 +17,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from service.engine.generate import DecodeBatch, FinishReason, GenerationJob, RunningRequest, SamplingParams
+from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, compile_job
 from service.engine.loading import LoadedModel
+from service.engine.params import FinishReason, SamplingParams
 from service.engine.vocab import ModelVocab
-from service.masks.output import OutputMaskSpec, compile_output_mask
+from service.masks.output import OutputMaskSpec
 
 PROMPTS = ["the dog sees", "paris is", "a farmer finds some bread.", "<|im_start|>user\nhi<|im_end|>\n"]
 WORDS = ["e", "the", " the", "a", "dog", "re", "in", " b", "es", "th", "s.", "ll"]
@@ -54,8 +55,8 @@ def run(
 ) -> RunningRequest:
     ids = list(tiny.tokenizer(prompt)["input_ids"])
     job = GenerationJob(ids, SamplingParams(max_new_tokens=n, temperature=1.0, seed=seed), spec)
-    mask = compile_output_mask(spec, vocab.vocabulary, encode=vocab.encode, grammars=vocab.grammars)
-    seq = RunningRequest(job, mask, torch.device("cpu"))
+    compile_job(job, vocab, dtype=torch.float32, dims=tiny.attention_dims)
+    seq = RunningRequest(job, torch.device("cpu"))
     batch.add([seq])
     while batch.rows:
         batch.step()

@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, DistilBertConfig, DistilBertForMaskedLM
 
 from service.engine.steering import STEERED_SDPA, AttentionProbe, enable_steering
-from service.masks.attention import ScopedBias, causal_mask, to_additive
+from service.masks.attention import causal_mask, to_additive
+from service.masks.batch import ScopedBias
 
 IDS = torch.tensor([[5, 9, 14, 3, 22, 7]])  # (1, T)
 

@@ -16,19 +16,13 @@ from torch import Tensor
 from transformers import pipeline
 
 from service.config import Settings, load_settings
-from service.engine.fill_mask import (
-    ClientGone,
-    FillMaskCodec,
-    FillMaskJob,
-    FillMaskResult,
-    FillMaskWorker,
-    Row,
-    forward_rows,
-    head_only_matches,
-    word_pieces,
-)
+from service.engine.fill.codec import FillMaskCodec, word_pieces
+from service.engine.fill.forward import forward_rows, head_only_matches
+from service.engine.fill.job import FillMaskJob, FillMaskResult
+from service.engine.fill.search import Row
+from service.engine.fill.worker import FillMaskWorker
 from service.engine.loading import LoadedModel
-from service.errors import InvalidRequest, Overloaded, RequestTimeout
+from service.errors import ClientGone, InvalidRequest, Overloaded, RequestTimeout
 
 
 def run_jobs(

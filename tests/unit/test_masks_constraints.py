@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from service.masks.attention import (
+from service.masks.constraints import (
     AttentionConstraints,
-    SpanError,
     TokenSpan,
     constrained_position_ids,
     constrained_structure,
@@ -18,6 +17,7 @@ from service.masks.attention import (
     segment_ids_for,
     validate_constraints,
 )
+from service.masks.errors import MaskError
 from service.masks.spans import char_span_to_tokens
 
 T, F = True, False
@@ -101,7 +101,7 @@ def test_emphasis_bias_is_minus_log_factor_outside_spans() -> None:
     ],
 )
 def test_invalid_spans_name_the_span(constraints: AttentionConstraints, param: str) -> None:
-    with pytest.raises(SpanError) as info:
+    with pytest.raises(MaskError) as info:
         validate_constraints(6, constraints)
     assert info.value.param == param
 
@@ -110,5 +110,5 @@ def test_char_spans_map_to_whole_tokens() -> None:
     offsets = [(0, 0), (0, 3), (3, 7), (7, 8), (8, 12)]  # a special token, then "The", " dog", " ", "barks"
     assert char_span_to_tokens(offsets, 4, 6, 12, "p") == TokenSpan(2, 3)
     assert char_span_to_tokens(offsets, 2, 9, 12, "p") == TokenSpan(1, 5)
-    with pytest.raises(SpanError, match="0 <= start < end <= 12"):
+    with pytest.raises(MaskError, match="0 <= start < end <= 12"):
         char_span_to_tokens(offsets, 5, 20, 12, "attention.exclude[0]")

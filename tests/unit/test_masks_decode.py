@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.masks.attention import DecodeMask, RequestAttention, prefill_attention
+from service.masks.batch import DecodeMask, batch_attention
+from service.masks.constraints import RequestAttention
 
 T, F = True, False
 MIN = torch.finfo(torch.float32).min
 
 
 def test_prefill_left_pads_causal_rows() -> None:
-    mask, pos, _ = prefill_attention([RequestAttention(3), RequestAttention(1)], dtype=torch.float32)
+    mask, pos, _, _ = batch_attention([RequestAttention(3), RequestAttention(1)], dtype=torch.float32)
     assert mask.shape == (2, 1, 3, 3)
     assert torch.equal(
         mask[0, 0],
@@ -29,7 +30,7 @@ def test_prefill_left_pads_causal_rows() -> None:
 def test_prefill_places_structure_and_positions_bottom_right() -> None:
     isolated = torch.tensor([[T, F], [F, T]])  # two tokens that cannot see each other
     rows = [RequestAttention(2, structure=isolated, positions=torch.tensor([5, 5])), RequestAttention(3)]
-    mask, pos, _ = prefill_attention(rows, dtype=torch.float32)
+    mask, pos, _, _ = batch_attention(rows, dtype=torch.float32)
     assert torch.equal(mask[0, 0], torch.tensor([[T, F, F], [F, T, F], [F, F, T]]))
     assert torch.equal(mask[1, 0], torch.tensor([[T, F, F], [T, T, F], [T, T, T]]))
     assert torch.equal(pos, torch.tensor([[0, 5, 5], [0, 1, 2]]))
@@ -37,7 +38,7 @@ def test_prefill_places_structure_and_positions_bottom_right() -> None:
 
 def test_prefill_with_key_bias_is_additive() -> None:
     rows = [RequestAttention(2, key_bias=torch.tensor([-1.0, 0.0])), RequestAttention(1)]
-    mask, _, _ = prefill_attention(rows, dtype=torch.float32)
+    mask, _, _, _ = batch_attention(rows, dtype=torch.float32)
     assert mask.dtype == torch.float32
     assert torch.equal(mask[0, 0], torch.tensor([[-1.0, MIN], [-1.0, 0.0]]))
     assert torch.equal(mask[1, 0], torch.tensor([[0.0, MIN], [MIN, 0.0]]))
@@ -45,7 +46,7 @@ def test_prefill_with_key_bias_is_additive() -> None:
 
 def test_prefill_rejects_wrong_structure_shape() -> None:
     with pytest.raises(ValueError, match="structure must be"):
-        prefill_attention([RequestAttention(2, structure=torch.ones(3, 3, dtype=torch.bool))], dtype=torch.float32)
+        batch_attention([RequestAttention(2, structure=torch.ones(3, 3, dtype=torch.bool))], dtype=torch.float32)
 
 
 def test_decode_mask_for_prompts_extend_and_4d() -> None:

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from service.masks.attention import AttentionConstraints, TokenSpan, causal_mask, constrained_structure
+from service.masks.attention import causal_mask
+from service.masks.constraints import AttentionConstraints, TokenSpan, constrained_structure
 from service.masks.inspect import dense_rows, render_heatmap_png, run_length_rows
 
 

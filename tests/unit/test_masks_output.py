@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.masks.output import (
-    BadWords,
-    OutputMaskError,
-    OutputMaskSpec,
-    Vocabulary,
-    apply_output_masks,
-    choice_grammar,
-    compile_output_mask,
-    mask_effect,
-)
+from service.masks.bad_words import BadWords
+from service.masks.errors import MaskError
+from service.masks.grammar import choice_grammar
+from service.masks.output import OutputMaskSpec, apply_output_masks, compile_output_mask, mask_effect
+from service.masks.vocabulary import Vocabulary
 
 INF = float("-inf")
 # id:       0      1     2     3     4      5      6       7        8     9         10
@@ -131,7 +126,7 @@ def test_rows_of_a_batch_are_judged_each_on_its_own() -> None:
     ],
 )
 def test_invalid_specs_name_the_param(kw: dict[str, object], param: str, message: str) -> None:
-    with pytest.raises(OutputMaskError) as err:
+    with pytest.raises(MaskError) as err:
         compiled(**kw)
     assert err.value.param == param
     assert message in err.value.message

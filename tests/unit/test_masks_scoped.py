@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import pytest
 import torch
 
-from service.masks.attention import (
+from service.masks.batch import DecodeMask, ScopedBias, batch_attention
+from service.masks.constraints import (
     AttentionConstraints,
-    DecodeMask,
     RequestAttention,
-    ScopedBias,
-    SpanError,
     TokenSpan,
     emphasis_scope,
-    prefill_attention,
     request_attention,
     validate_constraints,
 )
-from service.masks.fill import check_fill_constraints, expand_mask, fill_attention, widen_constraints
+from service.masks.errors import MaskError
+from service.masks.fill import (
+    check_fill_constraints,
+    compile_fill_attention,
+    expand_mask,
+    fill_attention,
+    widen_constraints,
+)
 
 T, F = True, False
 MIN = torch.finfo(torch.float32).min
@@ -50,7 +55,7 @@ def test_scope_is_the_chosen_layers_times_heads() -> None:
     ],
 )
 def test_layers_and_heads_the_model_lacks_are_named(c: AttentionConstraints, param: str) -> None:
-    with pytest.raises(SpanError) as err:
+    with pytest.raises(MaskError) as err:
         validate_constraints(3, c, n_layers=3, n_heads=2)
     assert err.value.param == param
 
@@ -70,7 +75,7 @@ def test_prefill_moves_a_scoped_bias_out_of_the_mask() -> None:
     scoped = request_attention(2, emphasis(layers=(1,)), torch.float32, n_layers=2, n_heads=1)
     assert scoped is not None
     plain = RequestAttention(3)
-    mask, _, sb = prefill_attention([scoped, plain], dtype=torch.float32)
+    mask, _, sb, _ = batch_attention([scoped, plain], dtype=torch.float32)
     # additive, with no bias in it: 0 where attended, MIN where blocked (row 0 is left-padded by one)
     assert torch.equal(mask[0, 0], torch.tensor([[0.0, MIN, MIN], [MIN, 0.0, MIN], [MIN, 0.0, 0.0]]))
     assert sb is not None
@@ -79,7 +84,7 @@ def test_prefill_moves_a_scoped_bias_out_of_the_mask() -> None:
     # without a scope the bias is folded into the mask as before
     unscoped = request_attention(2, emphasis(), torch.float32)
     assert unscoped is not None
-    mask2, _, sb2 = prefill_attention([unscoped], dtype=torch.float32)
+    mask2, _, sb2, _ = batch_attention([unscoped], dtype=torch.float32)
     assert sb2 is None
     assert torch.allclose(mask2[0, 0], torch.tensor([[0.0, MIN], [0.0, -LOG3]]))
 
@@ -101,9 +106,15 @@ def test_decode_mask_carries_the_scope_through_join_and_select() -> None:
     assert rest.scoped_bias() is None
 
 
+def fill_row(c: AttentionConstraints, n: int, dims: tuple[int, int] = (0, 0)) -> RequestAttention:
+    row = request_attention(n, c, torch.float32, causal=False, n_layers=dims[0], n_heads=dims[1])
+    assert row is not None
+    return row
+
+
 def test_fill_attention_applies_each_rows_constraints() -> None:
     exclude = AttentionConstraints(exclude=(TokenSpan(1, 2),))
-    masks = fill_attention([3, 2], torch.float32, constraints=[exclude, None])
+    masks = fill_attention([3, 2], torch.float32, rows=[fill_row(exclude, 3), None])
     z, m = 0.0, MIN
     expected = torch.tensor(
         [
@@ -123,7 +134,7 @@ def test_fill_attention_restarts_positions_and_biases_keys() -> None:
         emphasis=(TokenSpan(0, 1),),
         emphasis_factor=3.0,
     )
-    masks = fill_attention([5], torch.float32, constraints=[c])
+    masks = fill_attention([5], torch.float32, rows=[fill_row(c, 5)])
     assert masks.restarted
     assert torch.equal(masks.position_ids, torch.tensor([[0, 1, 2, 1, 3]]))
     z, m, b = 0.0, MIN, -LOG3
@@ -132,7 +143,7 @@ def test_fill_attention_restarts_positions_and_biases_keys() -> None:
 
 
 def test_fill_attention_scoped_emphasis_goes_to_scoped_bias() -> None:
-    masks = fill_attention([2], torch.float32, constraints=[emphasis(layers=(0,))], dims=(2, 1))
+    masks = fill_attention([2], torch.float32, rows=[fill_row(emphasis(layers=(0,)), 2, dims=(2, 1))])
     assert torch.equal(masks.attention, torch.zeros(1, 1, 2, 2))
     assert masks.scoped_bias is not None
     assert torch.allclose(masks.scoped_bias.bias, torch.tensor([[0.0, -LOG3]]))
@@ -155,12 +166,39 @@ def test_widen_constraints_follows_expand_mask() -> None:
     assert widen_constraints(c, 1, 0) is c
 
 
+def test_every_span_group_is_listed_moved_and_named() -> None:
+    c = AttentionConstraints(exclude=(TokenSpan(0, 1),), isolate=(TokenSpan(1, 2), TokenSpan(2, 3)),
+                             emphasis=(TokenSpan(3, 4),), emphasis_factor=2.0)  # fmt: skip
+    span_fields = {f.name for f in fields(AttentionConstraints) if f.type == "tuple[TokenSpan, ...]"}
+    assert span_fields == {"exclude", "isolate", "emphasis"}  # a new span field joins span_groups by its type
+    assert dict(c.span_groups()) == {
+        "exclude": (TokenSpan(0, 1),),
+        "isolate.segments": (TokenSpan(1, 2), TokenSpan(2, 3)),
+        "emphasis.spans": (TokenSpan(3, 4),),
+    }
+    moved = c.map_spans(lambda s: TokenSpan(s.start + 10, s.end + 10))
+    assert [s.start for _, spans in moved.span_groups() for s in spans] == [10, 11, 12, 13]
+    assert moved.emphasis_factor == 2.0
+
+
+def test_fill_attention_is_compiled_once_for_every_width() -> None:
+    c = AttentionConstraints(exclude=(TokenSpan(2, 4),))  # ids [a, M, b, c]
+    compiled = compile_fill_attention(c, 4, [1], [0, 1, 2], torch.float32)
+    assert compiled is not None
+    assert set(compiled.widened) == {(1, 1), (1, 2)}
+    assert compiled.at(1, 0) is compiled.base
+    wide = compiled.at(1, 2)  # [a, M, M, M, b, c]: the excluded span moved by 2
+    assert wide.length == 6
+    assert torch.equal(wide.structure, fill_row(widen_constraints(c, 1, 2), 6).structure)
+    assert compile_fill_attention(AttentionConstraints(), 4, [1], [0, 1], torch.float32) is None
+
+
 def test_fill_constraints_must_not_exclude_a_mask_or_its_read_position() -> None:
     c = AttentionConstraints(exclude=(TokenSpan(0, 2), TokenSpan(3, 4)))
-    with pytest.raises(SpanError) as err:
+    with pytest.raises(MaskError) as err:
         check_fill_constraints(c, [3], mntp=False)
     assert err.value.param == "attention.exclude[1]"
     check_fill_constraints(c, [2], mntp=False)  # an encoder reads the mask at 2 itself: allowed
-    with pytest.raises(SpanError) as err:
+    with pytest.raises(MaskError) as err:
         check_fill_constraints(c, [2], mntp=True)  # MNTP reads it at 1, inside exclude[0]
     assert err.value.param == "attention.exclude[0]"

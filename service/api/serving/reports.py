@@ -1,28 +1,22 @@
 """Mask reports: every mask a request caused, as JSON-ready data (``/v1/masks``, ``return_masks``).
 
-Reports are assembled from what the job already holds (the engine's own masks, built by ``service/masks``),
-never re-derived: the attention rows are the request's own structure, the output steps what the decode
-loop recorded.
+Reports are assembled from what the job already holds (the masks the engine compiled once, when the job was
+submitted), never re-derived: the attention rows are the request's own compiled structure, the output kinds
+its compiled output mask's, the output steps what the decode loop recorded.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from typing import Any
 
 import torch
 
-from service.engine.fill_mask import FillMaskJob
+from service.api.serving.generate import EncodedPrompt
+from service.engine.fill.job import FillMaskJob
 from service.engine.generate import GenerationJob, GenerationResult
-from service.masks.attention import (
-    AttentionConstraints,
-    TokenSpan,
-    bidirectional_mask,
-    causal_mask,
-    request_attention,
-)
+from service.masks.attention import bidirectional_mask, causal_mask
+from service.masks.constraints import AttentionConstraints, TokenSpan
 from service.masks.inspect import run_length_rows
 
 DENSE_LIMIT = 512
@@ -66,24 +60,11 @@ def attention_report(
     }
 
 
-def output_kinds(job: GenerationJob) -> list[str]:
-    spec = job.output_mask
-    return [
-        f.name for f in fields(spec) if f.name != "param_names" and getattr(spec, f.name) not in (None, (), 0, False)
-    ]
-
-
 def generate_report(
-    request_id: str,
-    text: str,
-    offsets: list[tuple[int, int]],
-    constraints: AttentionConstraints,
-    job: GenerationJob,
-    decode: Decode,
-    *,
-    dense: bool,
-    result: GenerationResult | None = None,
+    job: GenerationJob, encoded: EncodedPrompt, decode: Decode, *, dense: bool, result: GenerationResult | None = None
 ) -> dict[str, Any]:
+    """``job`` must be compiled (``GenerationScheduler.compile``): the report shows the compiled masks."""
+    assert job.compiled, "mask reports read the compiled masks"
     n = len(job.prompt_ids)
     att = job.attention
     structure = att.structure if att is not None and att.structure is not None else causal_mask(n)  # (T, T)
@@ -105,12 +86,12 @@ def generate_report(
             for st in result.mask_steps
         ]
     return {
-        "request_id": request_id,
+        "request_id": job.request_id,
         "endpoint": "generate",
-        "text": text,
+        "text": encoded.text,
         "tokens": [
             {"index": i, "id": tid, "text": decode([tid]), "start": a, "end": b}
-            for i, (tid, (a, b)) in enumerate(zip(job.prompt_ids, offsets, strict=True))
+            for i, (tid, (a, b)) in enumerate(zip(job.prompt_ids, encoded.offsets, strict=True))
         ],
         "input": None,  # generation replaces no input tokens
         "attention": attention_report(
@@ -120,29 +101,18 @@ def generate_report(
             dense=dense,
             decode_keys=run_length_rows(decode_keys[None, :])[0],
             key_bias=att.key_bias.tolist() if att is not None and att.key_bias is not None else None,
-            constraints=constraints_report(constraints),
+            constraints=constraints_report(job.constraints),
         ),
-        "output": {"kinds": output_kinds(job), "steps": steps},
+        "output": {"kinds": list(job.compiled_output.kinds) if job.compiled_output else [], "steps": steps},
     }
 
 
-def fill_mask_report(
-    request_id: str,
-    job: FillMaskJob,
-    mask_token: str,
-    decode: Decode,
-    mntp: bool,
-    *,
-    dense: bool,
-    dims: tuple[int, int],
-) -> dict[str, Any]:
-    """``dims``: the model's (layers, heads), which size the scope of emphasis on chosen layers/heads."""
+def fill_mask_report(job: FillMaskJob, mask_token: str, decode: Decode, mntp: bool, *, dense: bool) -> dict[str, Any]:
+    """``job`` must be compiled (``FillMaskWorker.compile``): the report shows each input's compiled masks."""
     inputs = []
     for fi in job.inputs:
         n = len(fi.ids)
-        constraints = fi.attention or AttentionConstraints()
-        # the same builder the forward uses (service/masks/fill.py); padding is not part of a request
-        att = request_attention(n, constraints, torch.float32, causal=False, n_layers=dims[0], n_heads=dims[1])
+        att = fi.compiled.base if fi.compiled is not None else None  # padding is not part of a request
         structure = att.structure if att is not None and att.structure is not None else bidirectional_mask(n)
         positions = att.positions if att is not None and att.positions is not None else torch.arange(n)
         offsets: Sequence[tuple[int | None, int | None]] = fi.offsets or [(None, None)] * n  # slow tokenizer
@@ -162,40 +132,18 @@ def fill_mask_report(
                     # MNTP reads the prediction for position i from the output at i-1 (LLM2Vec)
                     read_offset=-1 if mntp else 0,
                     key_bias=att.key_bias.tolist() if att is not None and att.key_bias is not None else None,
-                    constraints=constraints_report(constraints),
+                    constraints=constraints_report(fi.attention or AttentionConstraints()),
                 ),
             }
         )
     first = inputs[0]
     return {
-        "request_id": request_id,
+        "request_id": job.request_id,
         "endpoint": "fill-mask",
         "text": first["text"],
         "tokens": first["tokens"],
         "input": first["input"],
         "attention": first["attention"],
-        "output": {
-            "kinds": [m.name for m in job.applied_masks if m.kind == "output"] if job.applied_masks else [],
-            "steps": None,
-        },
+        "output": {"kinds": [job.output_kind], "steps": None},
         "inputs": inputs,
     }
-
-
-class MaskStore:
-    """The most recent requests' mask reports (built lazily: only what GET /v1/masks/{id} asks for is computed)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, Callable[[bool], dict[str, Any]]] = OrderedDict()
-
-    def put(self, request_id: str, build: Callable[[bool], dict[str, Any]]) -> None:
-        if self.capacity <= 0:
-            return
-        self._items[request_id] = build
-        self._items.move_to_end(request_id)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def get(self, request_id: str) -> Callable[[bool], dict[str, Any]] | None:
-        return self._items.get(request_id)

@@ -1,0 +1,227 @@
+"""The fill-mask worker: dynamic batching of the searches of concurrent requests.
+
+It groups one step of every running search into padded forwards, one round at a time on the engine's compute
+thread, under the engine's ``compute_lock``. Rows are right-padded and read under a bidirectional 4D mask with
+explicit position ids (``service/masks/fill.py``), so a request scores the same alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from service import metrics
+from service.config import Settings
+from service.engine.compute import ComputeThread
+from service.engine.fill.codec import FillMaskCodec
+from service.engine.fill.forward import ForwardFn, forward_rows, head_only_matches
+from service.engine.fill.job import FillMaskJob, FillMaskResult
+from service.engine.fill.search import Row, job_search
+from service.engine.loading import LoadedModel
+from service.errors import ClientGone, NotReady, Overloaded, RequestTimeout
+
+log = logging.getLogger("maskserve.fill_mask")
+
+WORKER = "fill_mask"  # metrics label
+
+
+@dataclass(eq=False)
+class _Pending:
+    job: FillMaskJob
+    future: asyncio.Future[FillMaskResult]
+    search: Generator[list[Row], list[Tensor], FillMaskResult] | None = None
+    rows: list[Row] = field(default_factory=list)
+    result: FillMaskResult | None = None
+    error: BaseException | None = None
+    abandoned: bool = False  # timed out or client gone: dropped before any further forward
+
+    @property
+    def finished(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+class FillMaskWorker:
+    """Dynamic batching for fill-mask: a bounded queue, rounds of padded forwards in a thread."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        settings: Settings,
+        compute_lock: threading.Lock,
+        forward: ForwardFn | None = None,
+        *,
+        compute: ComputeThread | None = None,
+    ) -> None:
+        """``compute``: the thread rounds run on (the engine's; without one, a private one is made)."""
+        self.model = model
+        self.settings = settings
+        self.codec = FillMaskCodec(model, settings)
+        self._lock = compute_lock
+        if forward is None:
+            head_only = head_only_matches(model)
+            forward = lambda rows: forward_rows(model, rows, head_only=head_only)  # noqa: E731
+        self._forward = forward
+        self._capacity = settings.max_batch_size + settings.max_queued_requests
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._arrived = asyncio.Event()
+        self._outstanding = 0  # queued + running
+        self._active: list[_Pending] = []  # admitted: their searches advance one step per round
+        self._task: asyncio.Task[None] | None = None
+        self._owns_compute = compute is None
+        self._runner = compute or ComputeThread()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="fill-mask-worker")
+
+    async def stop(self) -> None:
+        """Stop the loop; requests still queued or running fail with 503."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        waiting = self._active + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        for pending in waiting:
+            if not pending.future.done():
+                pending.future.set_exception(NotReady("the server is shutting down"))
+        self._active = []
+        if self._owns_compute:
+            self._runner.shutdown()
+
+    async def submit(
+        self, job: FillMaskJob, *, client_gone: Callable[[], Awaitable[object]] | None = None
+    ) -> FillMaskResult:
+        """Queue a job and wait for its result (RequestTimeout, Overloaded, ClientGone otherwise).
+
+        ``client_gone`` makes an awaitable that finishes when the client disconnects (made only once queued).
+        """
+        if self._outstanding >= self._capacity:
+            metrics.REJECTED.labels("queue_full").inc()
+            raise Overloaded(f"fill-mask queue is full ({self._capacity} requests running or waiting); retry shortly")
+        self.compile(job)
+        pending = _Pending(job, asyncio.get_running_loop().create_future())
+        self._outstanding += 1
+        self._queue.put_nowait(pending)
+        self._arrived.set()
+        metrics.QUEUE_DEPTH.labels(WORKER).set(self._queue.qsize())
+        gone = asyncio.ensure_future(client_gone()) if client_gone is not None else None
+        try:
+            waiting: set[asyncio.Future[Any]] = {pending.future} | ({gone} if gone else set())
+            done, _ = await asyncio.wait(
+                waiting, timeout=self.settings.request_timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            if pending.future in done:
+                return pending.future.result()
+            if gone is not None and gone in done:
+                raise ClientGone("the client closed the connection")
+            raise RequestTimeout(
+                f"fill-mask did not finish within {self.settings.request_timeout_s:g} s (MASKSERVE_REQUEST_TIMEOUT_S)"
+            )
+        finally:
+            if not pending.future.done():
+                pending.abandoned = True
+                pending.future.cancel()
+            if gone is not None:
+                gone.cancel()
+
+    def compile(self, job: FillMaskJob) -> None:
+        """Compile the job's masks once (its attention constraints, for every width its searches use)."""
+        job.compile(self.model.dtype, self.model.attention_dims if self.model.steerable else (0, 0))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait_s = self.settings.max_batch_wait_ms / 1000
+        while True:
+            if not self._active:
+                self._active.append(await self._queue.get())
+                deadline = loop.time() + wait_s  # a fresh batch: let concurrent requests join it
+            else:
+                deadline = loop.time()  # searches mid-way go on at once, with whatever has queued meanwhile
+            while len(self._active) < self.settings.max_batch_size:
+                if not self._queue.empty():
+                    self._active.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                self._arrived.clear()
+                try:
+                    async with asyncio.timeout(remaining):
+                        await self._arrived.wait()
+                except TimeoutError:
+                    break
+            self._active = self._retire(self._active, lambda p: p.abandoned)
+            metrics.QUEUE_DEPTH.labels(WORKER).set(self._queue.qsize())
+            metrics.RUNNING.labels(WORKER).set(len(self._active))
+            if not self._active:
+                continue
+            try:
+                await self._runner.run(self._round, self._active)
+            except Exception as exc:  # a bug in the round itself: fail its requests, keep serving others
+                log.exception("fill-mask round failed")
+                for p in self._active:
+                    p.error = p.error or exc
+            for p in self._active:
+                if p.finished and not p.future.done():
+                    if p.error is not None:
+                        p.future.set_exception(p.error)
+                    else:
+                        p.future.set_result(p.result)  # type: ignore[arg-type]
+            self._active = self._retire(self._active, lambda p: p.finished)
+
+    def _retire(self, active: list[_Pending], gone: Callable[[_Pending], bool]) -> list[_Pending]:
+        kept = [p for p in active if not gone(p)]
+        self._outstanding -= len(active) - len(kept)
+        return kept
+
+    def _round(self, active: list[_Pending]) -> None:
+        """In a thread: start new searches, forward every row they need, advance each by one step."""
+        for p in active:
+            if p.search is None:
+                for kind in p.job.mask_kinds:
+                    metrics.MASKS_APPLIED.labels(kind).inc()
+                p.search = job_search(p.job, self.codec)
+                self._advance(p, None)
+        live = [p for p in active if not p.finished]
+        if not live:
+            return
+        try:
+            outs = self._compute(dict.fromkeys(row for p in live for row in p.rows))
+        except Exception as exc:  # a failed forward fails its round, not the worker
+            log.exception("fill-mask forward failed")
+            for p in live:
+                p.error = exc
+            return
+        for p in live:
+            self._advance(p, [outs[row] for row in p.rows])
+
+    def _advance(self, p: _Pending, outs: list[Tensor] | None) -> None:
+        assert p.search is not None
+        try:
+            p.rows = next(p.search) if outs is None else p.search.send(outs)
+        except StopIteration as stop:
+            p.result = stop.value
+        except Exception as exc:
+            log.exception("fill-mask search failed")
+            p.error = exc
+
+    def _compute(self, unique: dict[Row, None]) -> dict[Row, Tensor]:
+        """Forward distinct rows in chunks of max_batch_size, shortest first (less padding per chunk)."""
+        rows = sorted(unique, key=lambda r: len(r.ids))
+        size = self.settings.max_batch_size
+        outs: dict[Row, Tensor] = {}
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            with self._lock:
+                logps = self._forward(chunk)
+            metrics.BATCH_SIZE.labels(WORKER).observe(len(chunk))
+            metrics.PROMPT_TOKENS.labels(WORKER).inc(sum(len(r.ids) for r in chunk))
+            outs.update(zip(chunk, logps, strict=True))
+        return outs
