@@ -19,19 +19,17 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from service.cli_args import add_dataclass_flags, add_settings_flags, from_args
 from service.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-
-def _model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="model directory, or 'bundled' (env MASKSERVE_MODEL)")
-    parser.add_argument("--adapter", help="adapter directory, 'shipped' or 'none' (env MASKSERVE_ADAPTER)")
+MODEL_FLAGS = ("model", "adapter")  # Settings fields every model-loading subcommand can override
 
 
 def _settings(args: argparse.Namespace, *names: str) -> Settings:
-    overrides = {n: getattr(args, n) for n in ("model", "adapter", *names) if getattr(args, n, None) is not None}
+    overrides = {n: getattr(args, n) for n in (*MODEL_FLAGS, *names) if getattr(args, n, None) is not None}
     return load_settings(**overrides)
 
 
@@ -102,40 +100,40 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_fill_mask(args: argparse.Namespace) -> int:
+    from service.training.config import FillMaskEvalConfig
     from service.training.eval import run_cli
 
-    return run_cli(
-        _settings(args), cloze=args.cloze, mode=args.mode, limit=args.limit, json_out=args.json,
-        update_card=args.update_card,
-    )  # fmt: skip
+    return run_cli(_settings(args), from_args(FillMaskEvalConfig, args))
+
+
+def _command(
+    group: argparse._SubParsersAction[argparse.ArgumentParser], name: str, text: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose one-line summary in ``maskserve --help`` also heads its own ``--help``."""
+    return group.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every flag's help, default and choices come from ``Settings`` or a config dataclass (service/cli_args.py)."""
+    from service.training.config import FillMaskEvalConfig, add_arguments
+
     parser = argparse.ArgumentParser(prog="maskserve", description="Mask-aware transformer inference service")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP service")
-    serve.add_argument("--host")
-    serve.add_argument("--port", type=int)
-    _model_args(serve)
+
+    serve = _command(sub, "serve", "run the HTTP service")
+    add_settings_flags(serve, "host", "port", *MODEL_FLAGS)
     serve.set_defaults(func=cmd_serve)
-    info = sub.add_parser("info", help="load the model and print what would be served")
-    _model_args(info)
+    info = _command(sub, "info", "load the model and print what would be served, as JSON")
+    add_settings_flags(info, *MODEL_FLAGS)
     info.set_defaults(func=cmd_info)
-
-    from service.training.config import add_arguments
-
-    finetune = sub.add_parser("finetune", help="fine-tune with input, attention and loss masks (LoRA)")
+    finetune = _command(sub, "finetune", "fine-tune with input, attention and loss masks (LoRA); see docs/finetune.md")
     add_arguments(finetune)
     finetune.set_defaults(func=cmd_finetune)
-    evaluate = sub.add_parser("eval", help="evaluate the served model")
+    evaluate = _command(sub, "eval", "evaluate the served model")
     eval_sub = evaluate.add_subparsers(dest="task", required=True)
-    fill = eval_sub.add_parser("fill-mask", help="top-1/top-5 accuracy on a cloze file")
-    fill.add_argument("--cloze", help="cloze file (default: the bundled service/data/cloze.tsv)")
-    fill.add_argument("--mode", choices=["both", "plain", "whole_word"], default="both")
-    fill.add_argument("--limit", type=int, default=0, help="only the first N items")
-    fill.add_argument("--json", help="write every prediction to this JSON file")
-    fill.add_argument("--update-card", action="store_true", help="record the numbers in the adapter's model card")
-    _model_args(fill)
+    fill = _command(eval_sub, "fill-mask", "top-1/top-5 accuracy on a cloze file")
+    add_dataclass_flags(fill, FillMaskEvalConfig)
+    add_settings_flags(fill, *MODEL_FLAGS)
     fill.set_defaults(func=cmd_eval_fill_mask)
     return parser
 

@@ -54,8 +54,8 @@ class Settings(BaseSettings):
         description="PEFT adapter directory; 'shipped' = the committed MNTP adapter with the bundled model "
         "(nothing for other models); 'none' = no adapter.",
     )
-    device: Device = Device.AUTO
-    dtype: DType = DType.AUTO
+    device: Device = Field(Device.AUTO, description="Where the model runs; auto = cuda when available, else cpu.")
+    dtype: DType = Field(DType.AUTO, description="Weight dtype; auto = float32 on CPU, bfloat16 on CUDA.")
     cache_dir: Path = Field(
         Path.home() / ".cache" / "maskserve",
         description="Where the de-quantized bundled model is cached as safetensors.",
@@ -66,31 +66,33 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most requests grouped into one forward.")
     max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="How long a batch waits to fill.")
     max_input_tokens: int = Field(512, ge=8, description="Longest accepted input, in tokens.")
-    max_masks_per_input: int = Field(8, ge=1, le=64)
-    max_top_k: int = Field(100, ge=1, le=10_000)
+    max_masks_per_input: int = Field(8, ge=1, le=64, description="Most mask tokens in one fill-mask input.")
+    max_top_k: int = Field(100, ge=1, le=10_000, description="Upper limit of a fill-mask request's top_k.")
     max_word_tokens: int = Field(4, ge=1, le=8, description="Most sub-tokens a whole-word prediction fills.")
 
     # --- generation --------------------------------------------------------------------------------------
     max_new_tokens: int = Field(1024, ge=1, description="Upper limit a request may ask for.")
-    default_max_new_tokens: int = Field(128, ge=1)
+    default_max_new_tokens: int = Field(128, ge=1, description="max_new_tokens of a request that does not say.")
     max_running_requests: int = Field(32, ge=1, le=1024, description="Decode batch size (continuous batching).")
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond the running ones; then 429.")
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this fails.")
     grammar_cache_size: int = Field(64, ge=1, description="Compiled grammars kept (LRU).")
 
     # --- server ------------------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address the HTTP service listens on (0.0.0.0 = every interface).")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port the HTTP service listens on.")
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated bearer keys; empty = no authentication."
     )
-    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    max_body_bytes: int = Field(1_000_000, ge=1024)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated allowed origins; empty = CORS off."
+    )
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Larger request bodies get 413.")
     shutdown_timeout_s: int = Field(
         30, ge=1, description="On SIGTERM, how long in-flight requests may take to finish before they are cut."
     )
     log_request_text: bool = Field(False, description="Log prompts and outputs (off: only sizes are logged).")
-    log_level: str = "info"
+    log_level: str = Field("info", description="critical, error, warning, info or debug.")
     masks_buffer_size: int = Field(256, ge=0, description="Recent requests kept for GET /v1/masks/{id}.")
 
     _split = field_validator("api_keys", "cors_origins", mode="before")(_split_csv)

@@ -24,7 +24,6 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from service.config import Settings
 from service.engine.loading import LoadedModel, load_model, read_adapter_meta
 from service.masks.attention import bidirectional_mask, padding_mask, position_ids, to_4d
+from service.training.config import BOTH_MODES, EvalMode, FillMaskEvalConfig
 from service.training.objectives import decoder_parts
 from service.training.report import refresh_card
 
@@ -44,11 +44,6 @@ DEFAULT_CLOZE = Path(__file__).resolve().parent.parent / "data" / "cloze.tsv"
 # Word pieces are letters and digits: hyphen and apostrophe pieces would let "sea-muck" or "dog's"
 # variants crowd the top 5 with spellings of one guess.
 WORD_CHARS = re.compile(r"[A-Za-z0-9]+")
-
-
-class EvalMode(StrEnum):
-    PLAIN = "plain"
-    WHOLE_WORD = "whole_word"
 
 
 @dataclass(frozen=True)
@@ -289,23 +284,22 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             for k, v in result.items()}  # fmt: skip
 
 
-def run_cli(
-    settings: Settings, *, cloze: str | None, mode: str, limit: int, json_out: str | None, update_card: bool = False
-) -> int:
+def run_cli(settings: Settings, cfg: FillMaskEvalConfig) -> int:
     """``maskserve eval fill-mask``: load the model as served, score the cloze file, print the table."""
-    items = read_cloze(Path(cloze) if cloze else DEFAULT_CLOZE)
-    if limit:
-        items = items[:limit]
-    modes = list(EvalMode) if mode == "both" else [EvalMode(mode)]
+    cloze = cfg.cloze or DEFAULT_CLOZE
+    items = read_cloze(Path(cloze))
+    if cfg.limit:
+        items = items[: cfg.limit]
+    modes = list(EvalMode) if cfg.mode == BOTH_MODES else [EvalMode(cfg.mode)]
     if settings.torch_threads:  # on a shared CPU, oversubscribed threads cost far more than they give
         torch.set_num_threads(settings.torch_threads)
     loaded = load_model(settings)
     result = evaluate(scorer_for(loaded), items, modes)
-    print(f"model {loaded.name}, adapter {loaded.adapter}, cloze {cloze or DEFAULT_CLOZE}")
+    print(f"model {loaded.name}, adapter {loaded.adapter}, cloze {cloze}")
     print(summary_table(result))
-    if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-    if update_card:
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(result, indent=2) + "\n")
+    if cfg.update_card:
         if loaded.adapter is None or not (Path(loaded.adapter) / "metrics.json").is_file():
             raise ValueError("--update-card needs an adapter directory written by maskserve finetune")
         command = " ".join(["maskserve", *(shlex.quote(a) for a in sys.argv[1:])])

@@ -47,7 +47,7 @@ from service.engine.loading import (
     choose_mntp_mask_token,
     detect_kind,
 )
-from service.training.config import CONFIG_FILE, FinetuneConfig
+from service.training.config import CONFIG_FILE, FinetuneConfig, Objective
 from service.training.data import batch_indices, chunks, read_examples, shard, split_indices
 from service.training.eval import token_id
 from service.training.objectives import (
@@ -55,7 +55,6 @@ from service.training.objectives import (
     Encoded,
     LossModule,
     MaskedObjective,
-    Objective,
     SftObjective,
     non_special_ids,
 )

@@ -17,7 +17,6 @@ each position, loss weights), so one loss function and one training loop serve a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 import torch
@@ -36,12 +35,6 @@ from service.masks.attention import (
 from service.masks.input import IGNORE_INDEX, InputMasking, apply_input_mask, select_positions
 from service.masks.loss import next_token_targets, prompt_loss_weights, shift_left, target_weights
 from service.training.data import ChatExample, Example
-
-
-class Objective(StrEnum):
-    MLM = "mlm"
-    MNTP = "mntp"
-    SFT = "sft"
 
 
 @dataclass
