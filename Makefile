@@ -31,8 +31,9 @@ browser:
 	  apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
 	  || echo "could not install chromium (not root?): the browser test will fail; apt-get install chromium" 
 
+# The unit tests alone: pure functions, no model, no server (well under a minute).
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check service tests bench
