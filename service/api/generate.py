@@ -13,15 +13,11 @@ from service.api.mask_store import mask_store
 from service.api.protocol.generate import GenerateRequest, GenerateResponse
 from service.api.serving.generate import generate_job, generate_response, result_event, token_event
 from service.api.serving.reports import generate_report, token_decoder
-from service.api.sse import EventStream, result_or_cancel
+from service.api.sse import EventStream, result_or_cancel, sse_responses
 from service.engine.generate import GenerationResult
 from service.engine.scheduler import GenerationHandle
 
 router = APIRouter(tags=["generation"])
-
-SSE: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE if stream"}
-}
 
 
 @router.post(
@@ -29,7 +25,7 @@ SSE: dict[int | str, dict[str, Any]] = {
     response_model=GenerateResponse,
     response_model_exclude={"masks"},  # present only with return_masks (answered as a JSONResponse)
     summary="Generate text, with output masks",
-    responses=SSE,
+    responses=sse_responses("JSON, or SSE if stream"),
 )
 async def generate(body: GenerateRequest, engine: EngineDep, request: Request) -> Response | GenerateResponse:
     gen = engine.require_generation()

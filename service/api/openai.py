@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -23,13 +21,11 @@ from service.api.serving.openai import (
     completion_job,
     completion_response,
 )
-from service.api.sse import EventStream, result_or_cancel
+from service.api.sse import EventStream, result_or_cancel, sse_responses
 
 router = APIRouter(tags=["openai"])
 
-STREAM: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks then [DONE] if stream"}
-}
+STREAM = sse_responses("JSON, or SSE chunks then [DONE] if stream")
 
 
 @router.post(

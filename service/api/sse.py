@@ -23,6 +23,11 @@ from service.engine.scheduler import GenerationHandle
 from service.errors import MaskserveError, error_body
 
 
+def sse_responses(description: str) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI entry of a route that answers JSON, or server-sent events with ``"stream": true``."""
+    return {200: {"content": {"text/event-stream": {}}, "description": description}}
+
+
 def sse(data: Any) -> str:
     """One event: a ``data:`` line holding JSON (or the literal ``[DONE]``), then a blank line."""
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"

@@ -267,3 +267,21 @@ def test_dry_run_attention_weights_of_a_prompt(client: TestClient) -> None:
     png = client.post("/v1/masks?format=png&picture=weights", json=body)
     assert png.status_code == 200
     assert png.headers["content-type"] == "image/png"
+
+
+def test_metrics_and_reports_name_the_same_mask_kinds(client: TestClient) -> None:
+    def count(kind: str) -> float:
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith(f'maskserve_masks_applied_total{{kind="{kind}"}}'):
+                return float(line.split()[-1])
+        return 0.0
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    kinds = ("json_schema", "bad_words", "attention_exclude")
+    before = {k: count(k) for k in kinds}
+    span = [{"start": 0, "end": len(PREFIX)}]
+    data = generate(client, PREFIX + QUESTION, return_masks=True, json_schema=schema, bad_words=["zz"],
+                    attention={"exclude": span}, max_new_tokens=4)  # fmt: skip
+    assert set(data["masks"]["output"]["kinds"]) == {"json_schema", "bad_words"}
+    assert data["masks"]["attention"]["constraints"]["exclude"] != []
+    assert {k: count(k) - before[k] for k in kinds} == dict.fromkeys(kinds, 1.0)

@@ -6,13 +6,9 @@ URL model as is, and parses the answer with ``FillMaskOutputElement.parse_obj_as
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from huggingface_hub import InferenceClient, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.inference._generated.types import FillMaskOutputElement
@@ -20,26 +16,13 @@ from huggingface_hub.inference._generated.types import FillMaskOutputElement
 from service.app import create_app
 from service.config import Settings
 from service.engine.loading import LoadedModel
+from tests.live import live_server
 
 
 @pytest.fixture(scope="module")
 def server_url(bert_settings: Settings, tiny_bert: LoadedModel) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))  # a free loopback port, held from here on (no race with other processes)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(bert_settings, loaded=tiny_bert), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1/fill-mask"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with live_server(create_app(bert_settings, loaded=tiny_bert)) as url:
+        yield f"{url}/v1/fill-mask"
 
 
 @pytest.fixture(autouse=True)
