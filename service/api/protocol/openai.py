@@ -36,6 +36,11 @@ class OpenAIFields(SamplingFields):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
     user: str | None = Field(None, description="Accepted and ignored.")
+    # Sent by OpenAI clients; they change nothing here (no stored completions, one service tier, no tools).
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    service_tier: str | None = Field(None, description="Accepted and ignored (one tier).")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tool calling).")
 
 
 # --- /v1/completions ----------------------------------------------------------------------------------------------
