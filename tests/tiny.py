@@ -12,10 +12,18 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
 
 SUBJECTS = ["the dog", "the cat", "a bird", "my friend", "the teacher", "paris", "the river", "a farmer"]
 VERBS = ["sees", "likes", "finds", "carries", "watches", "paints", "follows", "visits"]
@@ -25,6 +33,16 @@ CHATML = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+# transformers annotates convert_tokens_to_ids as ``int | list[int]`` whatever it is given; one token gives an
+# int and a list of tokens a list of ints.
+def token_id(tok: PreTrainedTokenizerBase, token: str) -> int:
+    return int(cast(int, tok.convert_tokens_to_ids(token)))
+
+
+def token_ids(tok: PreTrainedTokenizerBase, tokens: list[str]) -> list[int]:
+    return [int(i) for i in cast(list[int], tok.convert_tokens_to_ids(tokens))]
 
 
 def corpus() -> list[str]:
@@ -120,6 +138,6 @@ def build_tiny_mntp_adapter(model_dir: Path, path: Path, seed: int = 1) -> Path:
     torch.manual_seed(seed)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                         init_lora_weights=False)  # fmt: skip
-    get_peft_model(base, config).save_pretrained(path)
+    get_peft_model(base, config).save_pretrained(str(path))
     (path / "maskserve.json").write_text(json.dumps({"objective": "mntp", "mask_token": "<mask>"}))
     return path

@@ -8,6 +8,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.training.eval import ClozeItem, EvalMode, FillMaskScorer, evaluate, rank_words, read_cloze
+from tests.tiny import token_id
 
 BUNDLED_CLOZE = Path(__file__).resolve().parents[2] / "service" / "data" / "cloze.tsv"
 
@@ -73,7 +74,7 @@ def test_evaluate_counts_top1_and_top5() -> None:
 def test_whole_word_fills_are_single_words(tiny_llama_dir: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    scorer = FillMaskScorer(model, tok, tok.convert_tokens_to_ids("<mask>"), mntp=True, prefix_id=tok.bos_token_id)
+    scorer = FillMaskScorer(model, tok, token_id(tok, "<mask>"), mntp=True, prefix_id=tok.bos_token_id)
     candidates = scorer.word_candidates("the dog [MASK] the red ball.")
     assert {n for _, _, n in candidates} == {1, 2, 3, 4}
     for word, _, _ in candidates:

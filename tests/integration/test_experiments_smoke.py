@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import pytest
 import torch
@@ -42,13 +43,14 @@ def test_smoke_run_writes_its_table_and_plot(module: ModuleType, smoke: dict[str
     assert result.table.count("\n") == len(result.rows) + 1  # header, rule, one line per row
 
 
+# Result.rows holds a table's cells as object; these columns are floats.
 def test_padding_mask_makes_batched_equal_unbatched(smoke: dict[str, Result]) -> None:
     rows = {r["variant"]: r for r in smoke[padding.NAME].rows}
     # With the mask (and, on the left, shifted positions) batching changes only float rounding ...
     for label in ("left, mask + shifted positions", "right, mask", "right, no mask"):
-        assert rows[label]["max_dlogit"] < 1e-4, label
+        assert cast(float, rows[label]["max_dlogit"]) < 1e-4, label
     # ... without it, left padding is attended to as if it were text.
-    assert rows["left, no mask"]["max_dlogit"] > 1e-2
+    assert cast(float, rows["left, no mask"]["max_dlogit"]) > 1e-2
 
 
 @torch.inference_mode()
@@ -57,6 +59,7 @@ def test_shared_prompt_scoring_equals_one_forward_per_candidate() -> None:
     scoring each candidate in its own forward, under every condition's constraints."""
     loaded = load_decoder(smoke=True)
     model, tok = loaded.generation_model, loaded.tokenizer
+    assert model is not None
     item = distractors.make_items(2, random.Random(1))[1]
     cand_ids = [tok(c, add_special_tokens=False).input_ids for c in item.candidates]
     for cond in distractors.CONDITIONS:
@@ -83,5 +86,6 @@ def test_output_masks_guarantee_the_format(smoke: dict[str, Result]) -> None:
 
 def test_packing_with_the_mask_equals_alone(smoke: dict[str, Result]) -> None:
     for row in smoke[packing.NAME].rows:
-        assert row["d_pack"] < 1e-4, row["variant"]  # a masked pack changes an example's logits by rounding only
-        assert row["d_naive"] > 1e-3, row["variant"]  # an unmasked one does not
+        d_pack, d_naive = cast(float, row["d_pack"]), cast(float, row["d_naive"])
+        assert d_pack < 1e-4, row["variant"]  # a masked pack changes an example's logits by rounding only
+        assert d_naive > 1e-3, row["variant"]  # an unmasked one does not

@@ -6,16 +6,17 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import pipeline
+from transformers import PythonBackend, TokenizersBackend, pipeline
 
 from service.app import create_app
 from service.config import Settings
 from service.engine.loading import LoadedModel
+from tests.tiny import token_id, token_ids
 
 URL = "/v1/fill-mask"
 
@@ -57,7 +58,10 @@ def mntp(mntp_settings: Settings, tiny_mntp: LoadedModel) -> Iterator[TestClient
 @pytest.fixture(scope="module")
 def expected_one(tiny_bert: LoadedModel) -> list[dict[str, Any]]:
     """transformers' pipeline on the same model, without the special tokens we never propose."""
-    pipe = pipeline("fill-mask", model=tiny_bert.fill_mask_model, tokenizer=tiny_bert.tokenizer)
+    assert tiny_bert.fill_mask_model is not None
+    # LoadedModel holds the tokenizer as the common base class; pipeline() is annotated with its two subclasses
+    tokenizer = cast(PythonBackend | TokenizersBackend, tiny_bert.tokenizer)
+    pipe = pipeline("fill-mask", model=tiny_bert.fill_mask_model, tokenizer=tokenizer)
     specials = set(tiny_bert.tokenizer.all_special_ids)
     rows = [r for r in pipe("The [MASK] sees the red ball.", top_k=20) if r["token"] not in specials]
     return [
@@ -86,8 +90,8 @@ def test_several_masks_give_one_list_per_mask(bert: TestClient, tiny_bert: Loade
     tok = tiny_bert.tokenizer
 
     def cand(position: int, token: str, sequence: str) -> dict[str, Any]:
-        token_id = int(tok.convert_tokens_to_ids(token))
-        return {"sequence": sequence, "score": float(probs[position, token_id]), "token": token_id, "token_str": token}
+        found = token_id(tok, token)
+        return {"sequence": sequence, "score": float(probs[position, found]), "token": found, "token_str": token}
 
     assert_same(
         body,
@@ -117,7 +121,7 @@ def test_targets_multi_token_scored_jointly(bert: TestClient, tiny_bert: LoadedM
     assert response.status_code == 200
     body = response.json()
     tok = tiny_bert.tokenizer
-    pieces = [int(i) for i in tok.convert_tokens_to_ids(["b", "##ar", "##k", "##ed"])]
+    pieces = token_ids(tok, ["b", "##ar", "##k", "##ed"])
     base = tok("The [MASK] sees the red ball.")["input_ids"]
     logp = 0.0
     with torch.inference_mode():
@@ -125,7 +129,7 @@ def test_targets_multi_token_scored_jointly(bert: TestClient, tiny_bert: LoadedM
             row = base[:2] + pieces[:j] + [tok.mask_token_id] * (4 - j) + base[3:]
             logits = tiny_bert.fill_mask_model(input_ids=torch.tensor([row])).logits[0, 2 + j]  # type: ignore[misc]
             logp += float(logits.log_softmax(-1)[piece])
-        dog_id = int(tok.convert_tokens_to_ids("dog"))
+        dog_id = token_id(tok, "dog")
         p_dog = float(tiny_bert.fill_mask_model(input_ids=torch.tensor([base])).logits[0, 2].softmax(-1)[dog_id])  # type: ignore[misc]
     barked = {
         "sequence": "the barked sees the red ball.",

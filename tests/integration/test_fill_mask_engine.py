@@ -8,12 +8,12 @@ import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
 from torch import Tensor
-from transformers import pipeline
+from transformers import PythonBackend, TokenizersBackend, pipeline
 
 from service.config import Settings, load_settings
 from service.engine.fill.codec import FillMaskCodec, word_pieces
@@ -23,6 +23,7 @@ from service.engine.fill.search import Row
 from service.engine.fill.worker import FillMaskWorker
 from service.engine.loading import LoadedModel
 from service.errors import ClientGone, InvalidRequest, Overloaded, RequestTimeout
+from tests.tiny import token_ids
 
 
 def run_jobs(
@@ -145,7 +146,7 @@ def test_encode_target(bert_codec: FillMaskCodec, mntp_codec: FillMaskCodec) -> 
 
 def test_word_pieces_wordpiece_and_bpe(bert_codec: FillMaskCodec, mntp_codec: FillMaskCodec) -> None:
     def ids(codec: FillMaskCodec, tokens: list[str]) -> list[int]:
-        return [int(i) for i in codec.tokenizer.convert_tokens_to_ids(tokens)]
+        return token_ids(codec.tokenizer, tokens)
 
     v = bert_codec.vocab
     start, cont, special, punct = ids(bert_codec, ["the", "##ar", "[MASK]", "."])
@@ -178,7 +179,10 @@ def test_top_tokens_match_transformers_pipeline(tiny_bert: LoadedModel, bert_set
     text = "The [MASK] sees the red ball."
     codec = FillMaskCodec(tiny_bert, bert_settings)
     (result,) = run_jobs(tiny_bert, bert_settings, [FillMaskJob([codec.encode(text, "inputs")], top_k=5)])
-    pipe = pipeline("fill-mask", model=tiny_bert.fill_mask_model, tokenizer=tiny_bert.tokenizer)
+    assert tiny_bert.fill_mask_model is not None
+    # LoadedModel holds the tokenizer as the common base class; pipeline() is annotated with its two subclasses
+    tokenizer = cast(PythonBackend | TokenizersBackend, tiny_bert.tokenizer)
+    pipe = pipeline("fill-mask", model=tiny_bert.fill_mask_model, tokenizer=tokenizer)
     expected = [e for e in pipe(text, top_k=20) if e["token"] not in codec.specials][:5]
     got = result[0][0]
     assert [(c.token, c.token_str, c.sequence) for c in got] == [
@@ -368,8 +372,8 @@ def test_mntp_fill_model_is_the_merged_adapter(tiny_mntp: LoadedModel) -> None:
     assert base is not None
     assert merged is not None
     assert base is not merged
-    w_base = base.model.layers[0].self_attn.q_proj.weight  # type: ignore[union-attr]
-    w_merged = merged.model.layers[0].self_attn.q_proj.weight  # type: ignore[union-attr]
+    w_base = base.model.layers[0].self_attn.q_proj.weight
+    w_merged = merged.model.layers[0].self_attn.q_proj.weight
     assert not torch.equal(w_base, w_merged)
 
 
@@ -404,7 +408,7 @@ def test_timeout_then_the_worker_goes_on(tiny_bert: LoadedModel, bert_settings: 
     job = FillMaskJob([codec.encode("the [MASK] sees.", "inputs")], top_k=1)
     lock = threading.Lock()
 
-    async def main() -> tuple[BaseException, FillMaskResult]:
+    async def main() -> tuple[RequestTimeout, FillMaskResult]:
         worker = FillMaskWorker(tiny_bert, settings, lock)
         await worker.start()
         lock.acquire()  # a long forward elsewhere (e.g. a decode step) holds the device

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,7 +25,7 @@ def client(llama_settings: Settings, tiny_llama: LoadedModel) -> Iterator[TestCl
         yield c
 
 
-def sse_events(client: TestClient, body: dict[str, object]) -> list[dict[str, object]]:
+def sse_events(client: TestClient, body: dict[str, object]) -> list[dict[str, Any]]:
     with client.stream("POST", "/v1/generate", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")

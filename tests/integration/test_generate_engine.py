@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import pytest
 import torch
+from transformers import GenerationMixin
 
 from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, compile_job
 from service.engine.loading import LoadedModel
@@ -35,7 +37,7 @@ def batch(tiny_llama: LoadedModel, vocab: ModelVocab) -> DecodeBatch:
 
 
 def make(
-    tiny: LoadedModel, vocab: ModelVocab, prompt: str, n: int = 12, spec: OutputMaskSpec | None = None, **kw: object
+    tiny: LoadedModel, vocab: ModelVocab, prompt: str, n: int = 12, spec: OutputMaskSpec | None = None, **kw: Any
 ) -> RunningRequest:
     return RunningRequest(spec_job(tiny, vocab, prompt, n, spec, **kw), torch.device("cpu"))
 
@@ -47,11 +49,11 @@ def spec_job(
     n: int = 12,
     spec: OutputMaskSpec | None = None,
     constraints: AttentionConstraints | None = None,
-    **kw: object,
+    **kw: Any,
 ) -> GenerationJob:
     job = GenerationJob(
         list(tiny.tokenizer(prompt)["input_ids"]), SamplingParams(max_new_tokens=n, **kw), spec or OutputMaskSpec()
-    )  # type: ignore[arg-type]
+    )
     job.constraints = constraints or AttentionConstraints()
     compile_job(job, vocab, dtype=torch.float32, dims=tiny.attention_dims)
     return job
@@ -79,10 +81,11 @@ def alone(batch: DecodeBatch, seq: RunningRequest) -> list[int]:
 def test_greedy_matches_transformers_generate(tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch) -> None:
     model, tok = tiny_llama.generation_model, tiny_llama.tokenizer
     assert model is not None
+    generator = cast(GenerationMixin, model)  # a causal LM class; PreTrainedModel has no generate()
     for prompt in PROMPTS:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
-            ref = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+            ref = generator.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
         seq = make(tiny_llama, vocab, prompt, n=12)
         assert alone(batch, seq) == ref.tolist()
 
@@ -93,7 +96,7 @@ def test_greedy_matches_transformers_generate(tiny_llama: LoadedModel, vocab: Mo
     ids=["greedy", "sampled", "top-k-top-p"],
 )
 def test_same_output_alone_or_in_a_changing_batch(
-    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch, kw: dict[str, object]
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch, kw: dict[str, Any]
 ) -> None:
     lengths = [12, 5, 9, 16, 3]
     mk: Callable[[int], RunningRequest] = lambda i: make(tiny_llama, vocab, PROMPTS[i], n=lengths[i], **kw)  # noqa: E731

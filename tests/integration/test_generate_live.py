@@ -18,7 +18,7 @@ from service.engine.generate import DecodeBatch
 from service.engine.loading import LoadedModel
 from tests.live import live_server
 
-SCHEMA = {
+SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"}},
     "required": ["name", "age"],
@@ -161,11 +161,11 @@ def test_openai_extra_body_masks(client: openai.OpenAI, tiny_llama: LoadedModel)
         extra_body={"choice": ["yes", "no"]},
     )
     assert r.choices[0].message.content in {"yes", "no"}
-    r = client.completions.create(
+    completion = client.completions.create(
         model=tiny_llama.name, prompt="the", max_tokens=12, seed=5, extra_body={"bad_words": ["e", "a"]}
     )
-    assert "e" not in r.choices[0].text
-    assert "a" not in r.choices[0].text
+    assert "e" not in completion.choices[0].text
+    assert "a" not in completion.choices[0].text
 
 
 @pytest.mark.parametrize(

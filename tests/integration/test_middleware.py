@@ -212,7 +212,7 @@ def test_request_id_is_echoed_and_visible_to_routes(open_client: TestClient) -> 
 
 @pytest.mark.parametrize("incoming", [None, "", "has space", "x" * 129, 'quote"d', "k\u00e9y"])
 def test_request_id_is_generated_when_missing_or_unsafe(open_client: TestClient, incoming: str | None) -> None:
-    headers = {} if incoming is None else {"X-Request-ID": incoming.encode("latin-1")}
+    headers: dict[bytes, bytes] = {} if incoming is None else {b"X-Request-ID": incoming.encode("latin-1")}
     response = open_client.post("/test/echo", content=b"", headers=headers)
     generated = response.headers["x-request-id"]
     assert re.fullmatch(r"[0-9a-f]{32}", generated)

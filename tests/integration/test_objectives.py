@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from service.masks.input import IGNORE_INDEX as X
 from service.masks.input import InputMasking, MaskingStrategy
-from service.training.data import ChatExample
+from service.training.data import ChatExample, Example
 from service.training.objectives import (
     LossModule,
     MaskedObjective,
@@ -18,6 +18,7 @@ from service.training.objectives import (
     forward_logits,
     non_special_ids,
 )
+from tests.tiny import token_id
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def bert_tok(tiny_bert_dir: Path) -> PreTrainedTokenizerBase:
 def _mntp(tok: PreTrainedTokenizerBase, ratio: float = 0.5, strategy: str = "token") -> MaskedObjective:
     return MaskedObjective(
         tok, InputMasking(ratio=ratio, strategy=MaskingStrategy(strategy), replace_prob=1.0, random_prob=0.0),
-        mask_token_id=tok.convert_tokens_to_ids("<mask>"), random_token_ids=non_special_ids(tok, len(tok)),
+        mask_token_id=token_id(tok, "<mask>"), random_token_ids=non_special_ids(tok, len(tok)),
         max_length=32, shift=True, prefix_id=tok.bos_token_id,
     )  # fmt: skip
 
@@ -105,7 +106,8 @@ def _sft(tok: PreTrainedTokenizerBase, weight: float, pack: int = 256) -> SftObj
     return SftObjective(tok, pack_length=pack, prompt_weight=weight)
 
 
-PAIRS = [
+# Typed as encode()'s parameter: a list[ChatExample] is not a list[Example] (lists are invariant).
+PAIRS: list[Example] = [
     ChatExample([{"role": "user", "content": "the dog sees"}], "the red ball."),
     ChatExample([{"role": "user", "content": "paris is"}], "the capital of france."),
     ChatExample([{"role": "user", "content": "a bird"}], "visits a farmer."),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DistilBertConfig, DistilBertForMaskedLM
+from transformers import AutoModelForCausalLM, DistilBertConfig, DistilBertForMaskedLM, PreTrainedModel
 
 from service.engine.steering import STEERED_SDPA, AttentionProbe, enable_steering
 from service.masks.attention import causal_mask, to_additive
@@ -17,20 +17,20 @@ IDS = torch.tensor([[5, 9, 14, 3, 22, 7]])  # (1, T)
 
 
 @pytest.fixture(scope="module")
-def steered(tiny_llama_dir: Path) -> torch.nn.Module:
+def steered(tiny_llama_dir: Path) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     assert enable_steering(model)
     assert model.config._attn_implementation == STEERED_SDPA
     return model
 
 
-def test_without_kwargs_it_is_exactly_sdpa(tiny_llama_dir: Path, steered: torch.nn.Module) -> None:
+def test_without_kwargs_it_is_exactly_sdpa(tiny_llama_dir: Path, steered: PreTrainedModel) -> None:
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa").eval()
     with torch.inference_mode():
         assert torch.equal(plain(input_ids=IDS).logits, steered(input_ids=IDS).logits)
 
 
-def test_probe_equals_eager_attention_weights(tiny_llama_dir: Path, steered: torch.nn.Module) -> None:
+def test_probe_equals_eager_attention_weights(tiny_llama_dir: Path, steered: PreTrainedModel) -> None:
     eager = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager").eval()
     probe = AttentionProbe()
     with torch.inference_mode():
@@ -41,7 +41,7 @@ def test_probe_equals_eager_attention_weights(tiny_llama_dir: Path, steered: tor
         assert torch.allclose(probe.layers[layer], weights[0].mean(dim=0), atol=1e-6)
 
 
-def test_scoped_bias_without_a_mask_keeps_the_model_causal(steered: torch.nn.Module) -> None:
+def test_scoped_bias_without_a_mask_keeps_the_model_causal(steered: PreTrainedModel) -> None:
     """A scoped bias needs a mask to ride in; with none given, the causal one is used (not an all-open one)."""
     t = IDS.shape[1]
     n_layers = steered.config.num_hidden_layers

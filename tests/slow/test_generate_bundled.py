@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import openai
 import pytest
 import torch
+from transformers import GenerationMixin
 
 from service.app import create_app
 from service.config import Settings, load_settings
@@ -43,13 +44,14 @@ def test_greedy_equals_transformers_generate_alone_and_concurrently(
     loaded = bundled[1]
     tok, model = loaded.tokenizer, loaded.generation_model
     assert model is not None
+    generator = cast(GenerationMixin, model)  # a causal LM class; PreTrainedModel has no generate()
     questions = ["What is the capital of France?", "Hi", "Write a haiku about autumn leaves in a quiet forest."]
 
     def reference(q: str) -> str:
         text = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
         ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
+            out = generator.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
         return str(tok.decode(out, skip_special_tokens=True))
 
     # In a worker thread, like the server's decode loop: on busy shared cores torch's OpenMP team in the main

@@ -92,7 +92,9 @@ def test_parser_defaults_are_the_dataclass_defaults(path: tuple[str, ...], cls: 
         assert by_dest[f.name].option_strings == [flag_name(f.name)]
         assert getattr(args, f.name) == f.default, f.name
         assert type(getattr(args, f.name)) is type(f.default), f.name
-        assert f.metadata["help"] in by_dest[f.name].help.replace("%%", "%"), f.name
+        shown = by_dest[f.name].help
+        assert shown is not None, f.name
+        assert f.metadata["help"] in shown.replace("%%", "%"), f.name
     if cls is FinetuneConfig:
         assert config_from_args(args) == FinetuneConfig()
 

@@ -37,13 +37,18 @@ def emphasis(layers: tuple[int, ...] | None = None, heads: tuple[int, ...] | Non
     )
 
 
+def scope(c: AttentionConstraints, layers: int, heads: int) -> torch.Tensor:
+    """emphasis_scope for a choice that names layers or heads, so a scope exists."""
+    found = emphasis_scope(c, layers, heads)
+    assert found is not None
+    return found
+
+
 def test_scope_is_the_chosen_layers_times_heads() -> None:
     assert emphasis_scope(emphasis(), 3, 2) is None  # all layers and heads: the bias rides in the mask
-    assert torch.equal(emphasis_scope(emphasis(layers=(1,)), 3, 2), torch.tensor([[F, F], [T, T], [F, F]]))
-    assert torch.equal(emphasis_scope(emphasis(heads=(0,)), 2, 2), torch.tensor([[T, F], [T, F]]))
-    assert torch.equal(
-        emphasis_scope(emphasis(layers=(0, 2), heads=(1,)), 3, 2), torch.tensor([[F, T], [F, F], [F, T]])
-    )
+    assert torch.equal(scope(emphasis(layers=(1,)), 3, 2), torch.tensor([[F, F], [T, T], [F, F]]))
+    assert torch.equal(scope(emphasis(heads=(0,)), 2, 2), torch.tensor([[T, F], [T, F]]))
+    assert torch.equal(scope(emphasis(layers=(0, 2), heads=(1,)), 3, 2), torch.tensor([[F, T], [F, F], [F, T]]))
 
 
 @pytest.mark.parametrize(
@@ -189,7 +194,10 @@ def test_fill_attention_is_compiled_once_for_every_width() -> None:
     assert compiled.at(1, 0) is compiled.base
     wide = compiled.at(1, 2)  # [a, M, M, M, b, c]: the excluded span moved by 2
     assert wide.length == 6
-    assert torch.equal(wide.structure, fill_row(widen_constraints(c, 1, 2), 6).structure)
+    expected = fill_row(widen_constraints(c, 1, 2), 6).structure
+    assert wide.structure is not None
+    assert expected is not None
+    assert torch.equal(wide.structure, expected)
     assert compile_fill_attention(AttentionConstraints(), 4, [1], [0, 1], torch.float32) is None
 
 
