@@ -34,7 +34,9 @@ TORCH_VERSION=2.13.0
 # (nor needed: torch's wheel comes from the cache); PyPI serves torch's dependencies and the project's.
 TORCH_INDEX_URL=${MASKSERVE_TORCH_INDEX_URL:-https://pypi.org/simple}
 # The Deployment's image, pointed at the local build; the Deployment is played as it is otherwise.
-MANIFESTS=(configmap secret deployment service)
+# The Secret is not in the played file: podman 4.3's kube play stores a Secret as YAML and then fails to read it
+# back ("not valid JSON"), so `play` stores it itself (`podman secret create`) in the form envFrom reads.
+MANIFESTS=(configmap deployment service)
 
 log() { printf '[container.sh] %s\n' "$*" >&2; }
 
@@ -179,8 +181,8 @@ stop() {
 }
 
 manifest() {
-  # One multi-document file from the manifests as they are, with three local choices applied: the local image,
-  # the port (host network: 8000 may be taken), and the Secret's key in place of its placeholder.
+  # One multi-document file from the manifests as they are, with local choices applied: the local image, the
+  # port (host network: 8000 may be taken) and one replica (on the host network a second cannot bind it).
   local out="$STATE/kube.yaml" name
   mkdir -p "$STATE"
   : >"$out"
@@ -188,23 +190,46 @@ manifest() {
     printf -- '---\n' >>"$out"
     cat "$ROOT/deploy/kubernetes/$name.yaml" >>"$out"
   done
+  # podman (4.3) turns a containerPort into a port mapping, which host networking refuses: the container's
+  # ports list goes, and the probes name the port by number instead of by its name.
   sed -i -e "s|image: maskserve:0.1.0|image: $IMAGE|" \
-    -e "s|MASKSERVE_PORT: \"8000\"|MASKSERVE_PORT: \"$PORT\"|" \
-    -e "s|containerPort: 8000|containerPort: $PORT|" "$out"
-  if [[ -n $API_KEY ]]; then
-    sed -i "s|MASKSERVE_API_KEYS: replace-me-with-a-long-random-key|MASKSERVE_API_KEYS: $API_KEY|" "$out"
-  fi
+    -e "s|MASKSERVE_PORT: \"8000\"|MASKSERVE_PORT: \"$PORT\"|" -e "s|^  replicas: 2$|  replicas: 1|" \
+    -e '/^          ports:$/,/^              protocol: TCP$/d' \
+    -e "s|^              port: http$|              port: $PORT|" "$out"
   echo "$out"
+}
+
+secret_json() {
+  # deploy/kubernetes/secret.yaml's values (the key from $MASKSERVE_API_KEY if set) as podman 4.3 reads a Secret
+  # for envFrom: a JSON object of name -> base64 value, i.e. the Secret's `data`.
+  local py=python3
+  [[ -x $ROOT/.venv/bin/python ]] && py=$ROOT/.venv/bin/python
+  API_KEY=$API_KEY "$py" - "$ROOT/deploy/kubernetes/secret.yaml" <<'PY'
+import base64, json, os, sys, yaml
+secret = yaml.safe_load(open(sys.argv[1]))
+values = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+values.update(secret.get("stringData", {}))
+if os.environ["API_KEY"]:
+    values["MASKSERVE_API_KEYS"] = os.environ["API_KEY"]
+print(json.dumps({k: base64.b64encode(v.encode()).decode() for k, v in values.items()}))
+PY
 }
 
 play() {
   configure
+  local name
+  name=$(grep -m1 -E '^  name:' "$ROOT/deploy/kubernetes/secret.yaml" | awk '{print $2}')
+  pod secret rm "$name" >/dev/null 2>&1 || true
+  secret_json | pod secret create "$name" - >/dev/null
   pod kube play --network host "$(manifest)"
 }
 
 down() {
   configure
+  local name
+  name=$(grep -m1 -E '^  name:' "$ROOT/deploy/kubernetes/secret.yaml" | awk '{print $2}')
   pod kube down "$(manifest)"
+  pod secret rm "$name" >/dev/null
 }
 
 clean() {
@@ -213,6 +238,7 @@ clean() {
     pod pod rm --all --force >/dev/null 2>&1 || true
     pod rm --all --force >/dev/null 2>&1 || true
     pod volume rm --all --force >/dev/null 2>&1 || true
+    pod secret rm --all >/dev/null 2>&1 || true
     pod rmi --all --force >/dev/null 2>&1 || true
     buildah rm --all >/dev/null 2>&1 || true
   fi
