@@ -119,12 +119,15 @@ def container(built: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def test_image_labels_user_and_healthcheck(built: Podman) -> None:
-    config = json.loads(built.podman("image", "inspect", "localhost/maskserve:0.1.0").stdout)[0]["Config"]
+    image = json.loads(built.podman("image", "inspect", "localhost/maskserve:0.1.0").stdout)[0]
+    config = image["Config"]
     assert config["User"] == f"{UID}:{UID}"
     assert config["Entrypoint"] == ["maskserve"]
     assert config["Cmd"] == ["serve"]
     # --format docker keeps HEALTHCHECK (the OCI format drops it)
-    assert config["Healthcheck"]["Test"][0] == "CMD"
+    health = image.get("HealthCheck") or config.get("Healthcheck")
+    assert health["Test"][0] == "CMD"
+    assert "/health" in health["Test"][-1]
 
 
 def test_fill_mask_and_generation(container: Podman) -> None:

@@ -83,3 +83,13 @@ def test_asset_urls_follow_the_root_path(llama_settings: Settings, tiny_llama: L
     refs = _references(client.get("/docs").text)
     assert len(refs) == 5
     assert all(ref.startswith("/maskserve/") for ref in refs)
+
+
+@pytest.mark.parametrize("path", PAGES)
+def test_pages_allow_loads_from_the_service_only(client: TestClient, path: str) -> None:
+    # ReDoc's bundle hard-codes a logo from cdn.redoc.ly: the policy keeps the browser from asking for it
+    policy = client.get(path).headers["content-security-policy"]
+    directives = dict(d.strip().split(" ", 1) for d in policy.split(";"))
+    assert directives["default-src"] == "'self'"
+    assert directives["img-src"] == "'self' data:"
+    assert not re.search(r"https?:|\*", policy)
