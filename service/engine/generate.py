@@ -145,7 +145,7 @@ class RunningRequest:
         self.params = job.params
         self.attention = job.attention or RequestAttention(len(job.prompt_ids))
         mask = job.compiled_output
-        self.mask_state: OutputMaskState | None = mask.new_state() if mask is not None else None
+        self.mask_state: OutputMaskState | None = mask.new_state(job.prompt_ids) if mask is not None else None
         self.seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
         self.generator: torch.Generator | None = None
         if not job.params.greedy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import pytest
@@ -13,6 +14,7 @@ from service.engine.loading import LoadedModel
 from service.engine.params import FinishReason, SamplingParams
 from service.engine.vocab import ModelVocab
 from service.masks.constraints import AttentionConstraints, TokenSpan
+from service.masks.kinds import MaskKind
 from service.masks.output import OutputMaskSpec
 
 PROMPTS = [
@@ -264,3 +266,41 @@ def test_emphasis_on_chosen_layers_and_heads(tiny_llama: LoadedModel, vocab: Mod
     assert seqs[3].generated == one_head.generated
     assert logprobs(seqs[1]) == pytest.approx(logprobs(one_layer), abs=1e-5)
     assert logprobs(seqs[3]) == pytest.approx(logprobs(one_head), abs=1e-5)
+
+
+def ngram_counts(ids: Sequence[int], n: int) -> Counter[tuple[int, ...]]:
+    return Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
+
+
+def test_no_repeat_ngram_alone_and_in_a_batch_with_other_rows(
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch
+) -> None:
+    """The tiny model repeats itself freely; with no_repeat_ngram_size=k no k-gram of prompt + output repeats,
+    whether the row runs alone or beside rows with another k or none, and the step records what was removed."""
+    sizes = [2, 3, 0, 1, 4]
+
+    def mk(i: int) -> RunningRequest:
+        spec = OutputMaskSpec(no_repeat_ngram_size=sizes[i]) if sizes[i] else None
+        seq = make(tiny_llama, vocab, PROMPTS[i], n=24, spec=spec)
+        seq.mask_steps = []
+        return seq
+
+    free = make(tiny_llama, vocab, PROMPTS[0], n=24)
+    alone(batch, free)
+    assert max(ngram_counts(free.job.prompt_ids + free.generated, 2).values()) > 1  # it does repeat unmasked
+    solo = [alone(batch, mk(i)) for i in range(len(sizes))]
+    seqs = [mk(i) for i in range(len(sizes))]
+    drive(batch, {0: seqs[:2], 1: [seqs[2]], 3: seqs[3:]})
+    assert [s.generated for s in seqs] == solo
+    for seq, k in zip(seqs, sizes, strict=True):
+        if not k:
+            continue
+        counts = ngram_counts(seq.job.prompt_ids + seq.generated, k)
+        prompt_counts = ngram_counts(seq.job.prompt_ids, k)
+        # any k-gram seen twice was already twice in the prompt (the mask prevents only new repeats)
+        assert all(c == 1 or prompt_counts[g] == c for g, c in counts.items()), (k, seq.generated)
+    masked = seqs[0].mask_steps
+    assert masked is not None
+    assert any(step.removed_mass > 0 for step in masked)  # inspection sees the tokens it removed
+    assert seqs[0].job.compiled_output is not None
+    assert seqs[0].job.compiled_output.kinds == (MaskKind.NO_REPEAT_NGRAM,)

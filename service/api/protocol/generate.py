@@ -14,6 +14,7 @@ from service.engine.params import MAX_TOP_LOGPROBS, FinishReason
 
 MAX_WORDS = 256  # entries in bad_words / allowed_words / choice
 MAX_STOP = 8
+MAX_NGRAM = 64  # no_repeat_ngram_size
 Word = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -42,6 +43,14 @@ class OutputMaskFields(BaseModel):
     )
     regex: str | None = Field(None, max_length=4096, description="The output matches this regular expression.")
     json_schema: dict[str, Any] | None = Field(None, description="The output is JSON valid under this JSON Schema.")
+    no_repeat_ngram_size: int = Field(
+        0,
+        ge=0,
+        le=MAX_NGRAM,
+        description="No n-gram of this size appears twice in prompt + output: a token that would complete one "
+        "already there is masked (transformers' no_repeat_ngram_size; 0 = off).",
+        examples=[3],
+    )
 
 
 class SamplingFields(OutputMaskFields):

@@ -118,6 +118,7 @@ def output_mask_spec(
         regex=fields.regex,
         json_schema=json.dumps(schema) if schema is not None else None,
         json_object=json_object,
+        no_repeat_ngram_size=fields.no_repeat_ngram_size,
         param_names=param_names,
     )
 
