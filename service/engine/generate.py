@@ -299,6 +299,10 @@ class DecodeBatch:
         for b, s in enumerate(seqs):
             if s.params.repetition_penalty != 1.0:
                 _penalize_repetition(logits[b], s.job.prompt_ids + s.generated, s.params.repetition_penalty)
+            if s.params.penalized and s.generated:
+                penalize_frequency_presence(
+                    logits[b], s.generated, s.params.frequency_penalty, s.params.presence_penalty
+                )
         states = [s.mask_state for s in seqs]
         dead = set(apply_output_masks(logits, states)) if any(st is not None for st in states) else set()
         logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
@@ -375,6 +379,14 @@ def _penalize_repetition(row: Tensor, seen: list[int], penalty: float) -> None:
     ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=row.device)
     scores = row[ids]
     row[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
+def penalize_frequency_presence(row: Tensor, generated: Sequence[int], frequency: float, presence: float) -> None:
+    """OpenAI's penalties (vLLM applies them the same way, after repetition_penalty), in place on a row (V,):
+    ``logit[j] -= c[j] * frequency + (c[j] > 0) * presence``, with ``c[j]`` the times token j was generated so
+    far (the prompt does not count)."""
+    ids, counts = torch.tensor(list(generated), dtype=torch.long, device=row.device).unique(return_counts=True)
+    row[ids] -= counts.to(row.dtype) * frequency + presence  # every id here has c[j] > 0
 
 
 def _sample(row: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:

@@ -304,3 +304,29 @@ def test_no_repeat_ngram_alone_and_in_a_batch_with_other_rows(
     assert any(step.removed_mass > 0 for step in masked)  # inspection sees the tokens it removed
     assert seqs[0].job.compiled_output is not None
     assert seqs[0].job.compiled_output.kinds == (MaskKind.NO_REPEAT_NGRAM,)
+
+
+@torch.inference_mode()
+def test_frequency_and_presence_penalties_match_a_reference_loop(
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch
+) -> None:
+    """Greedy under the penalties equals a plain loop (a full forward each step, the formula on the last logits,
+    argmax), for rows with different penalties in one batch; and they change what the tiny model says."""
+    model = tiny_llama.generation_model
+    assert model is not None
+    settings = [(0.0, 0.0), (1.5, 0.0), (0.0, 2.0), (0.7, 0.7)]
+
+    def reference(prompt: list[int], frequency: float, presence: float, n: int) -> list[int]:
+        out: list[int] = []
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([prompt + out])).logits[0, -1].float()  # (V,)
+            for tid in set(out):
+                logits[tid] -= out.count(tid) * frequency + presence
+            out.append(int(logits.argmax()))
+        return out
+
+    seqs = [make(tiny_llama, vocab, PROMPTS[0], n=16, frequency_penalty=f, presence_penalty=p) for f, p in settings]
+    drive(batch, {0: seqs[:2], 2: seqs[2:]})
+    for seq, (f, p) in zip(seqs, settings, strict=True):
+        assert seq.generated == reference(seq.job.prompt_ids, f, p, len(seq.generated)), (f, p)
+    assert len({tuple(s.generated) for s in seqs}) > 1

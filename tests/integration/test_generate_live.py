@@ -173,7 +173,7 @@ def test_openai_extra_body_masks(client: openai.OpenAI, tiny_llama: LoadedModel)
     [
         ({"n": 2}, 400, "n"),
         ({"model": "gpt-4"}, 400, "model"),
-        ({"presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"presence_penalty": 2.5}, 422, "presence_penalty"),
         ({"extra_body": {"regex": "("}}, 400, "regex"),
         ({"extra_body": {"bad_word": ["x"]}}, 422, "bad_word"),
         ({"max_completion_tokens": 5000}, 400, "max_completion_tokens"),

@@ -59,6 +59,15 @@ class SamplingFields(OutputMaskFields):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: smallest set with this much mass.")
     top_k: int = Field(0, ge=0, description="Sample among the k most probable tokens (0 = all).")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from a token's logit once per time it was generated so far.",
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from the logit of every token generated so far."
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same request -> same output.")
     logit_bias: dict[str, float] | None = Field(
         None, description="Token id -> value in [-100, 100] added to its logit.", examples=[{"28": -100}]

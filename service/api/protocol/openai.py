@@ -33,8 +33,6 @@ class OpenAIFields(SamplingFields):
     n: int = Field(1, ge=1, description="Only 1 is supported.")
     stream_options: StreamOptions | None = None
     stop: Word | list[Word] | None = Field(None)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
     user: str | None = Field(None, description="Accepted and ignored.")
 
 

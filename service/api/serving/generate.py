@@ -152,6 +152,8 @@ def generation_job(
         top_p=req.top_p,
         top_k=req.top_k,
         repetition_penalty=req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
         seed=req.seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
         top_logprobs=top_logprobs,

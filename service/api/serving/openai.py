@@ -50,9 +50,6 @@ def _check_common(req: OpenAIFields, served: str) -> None:
         raise InvalidRequest("only n=1 is supported; send several requests instead", param="n")
     if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
         raise InvalidRequest(f"at most {MAX_STOP} stop sequences", param="stop")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise InvalidRequest(f"{name} is not supported (use repetition_penalty)", param=name)
 
 
 def completion_job(body: CompletionRequest, gen: GenerationScheduler, settings: Settings, served: str) -> GenerationJob:
