@@ -29,6 +29,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0  # alternatives reported per token
+    n: int = 1  # sequences of the one prompt (prefilled once); sequence i samples with seed + i
 
     @property
     def penalized(self) -> bool:

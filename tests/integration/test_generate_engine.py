@@ -330,3 +330,30 @@ def test_frequency_and_presence_penalties_match_a_reference_loop(
     for seq, (f, p) in zip(seqs, settings, strict=True):
         assert seq.generated == reference(seq.job.prompt_ids, f, p, len(seq.generated)), (f, p)
     assert len({tuple(s.generated) for s in seqs}) > 1
+
+
+def test_n_sequences_share_one_prefill_and_each_follow_their_own_seed(
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n rows of one job: one prefill row (its KV copied to the n rows), sequence i equal to the same request
+    run alone with seed + i, beside a row of another request."""
+    job = spec_job(tiny_llama, vocab, PROMPTS[0], 10, temperature=1.0, seed=40)
+    group = object()
+    siblings = [RunningRequest(job, torch.device("cpu"), index=i, group=group) for i in range(3)]
+    other = make(tiny_llama, vocab, PROMPTS[2], n=6)
+    widths: list[int] = []
+    original = DecodeBatch._forward
+
+    def counting(self: DecodeBatch, ids: torch.Tensor, *args: object) -> torch.Tensor:
+        widths.append(ids.shape[0])
+        return original(self, ids, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DecodeBatch, "_forward", counting)
+    drive(batch, {0: [*siblings, other]})
+    assert widths[0] == 2  # the prefill: one row for the three siblings, one for the other request
+    assert widths[1] == 4  # then four rows decode
+    assert [s.seed for s in siblings] == [40, 41, 42]
+    for i, s in enumerate(siblings):
+        again = make(tiny_llama, vocab, PROMPTS[0], n=10, temperature=1.0, seed=40 + i)
+        assert alone(batch, again) == s.generated
+    assert len({tuple(s.generated) for s in siblings}) > 1

@@ -69,6 +69,11 @@ class SamplingFields(OutputMaskFields):
         0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from the logit of every token generated so far."
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same request -> same output.")
+    n: int = Field(
+        1,
+        ge=1,
+        description="Sequences of the prompt (at most MASKSERVE_MAX_N); sequence i samples with seed + i.",
+    )
     logit_bias: dict[str, float] | None = Field(
         None, description="Token id -> value in [-100, 100] added to its logit.", examples=[{"28": -100}]
     )
@@ -146,6 +151,26 @@ class GenerateResponse(BaseModel):
     masks: dict[str, Any] | None = Field(None, description="With return_masks: every applied mask.")
 
 
+class GenerateChoice(BaseModel):
+    """One of the n sequences of a request with ``n`` > 1."""
+
+    index: int
+    generated_text: str
+    finish_reason: FinishReason
+    tokens: list[TokenDetail]
+    seed: int = Field(description="This sequence's seed: the request's seed + index.")
+
+
+class GenerateChoicesResponse(BaseModel):
+    """The answer to a request with ``n`` > 1 (with n = 1 the answer is a ``GenerateResponse``)."""
+
+    id: str
+    model: str
+    choices: list[GenerateChoice]
+    usage: Usage = Field(description="The prompt counted once; completion tokens of every sequence.")
+    masks: dict[str, Any] | None = Field(None, description="With return_masks: every applied mask (sequence 0's).")
+
+
 class GenerateStreamEvent(BaseModel):
     """One server-sent event. Token events carry ``token``; the last event carries ``generated_text``,
     ``finish_reason`` and ``usage`` (and ``token`` null). Joining every event's ``text`` gives the output."""
@@ -158,3 +183,4 @@ class GenerateStreamEvent(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     seed: int | None = None
+    choice: int | None = Field(None, description="With n > 1 only: which sequence (0..n-1) the event is of.")

@@ -30,7 +30,6 @@ class OpenAIFields(SamplingFields):
 
     model: str = Field(description="The served model's id (GET /v1/models).")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    n: int = Field(1, ge=1, description="Only 1 is supported.")
     stream_options: StreamOptions | None = None
     stop: Word | list[Word] | None = Field(None)
     user: str | None = Field(None, description="Accepted and ignored.")
