@@ -2,8 +2,9 @@
 
 The official ``openai`` client works against them. Beyond OpenAI's fields, the output masks of
 ``/v1/generate`` (``bad_words``, ``allowed_words``, ``allowed_token_ids``, ``min_tokens``, ``choice``,
-``regex``, ``json_schema``) and ``top_k`` / ``repetition_penalty`` are accepted as extra body fields
-(``extra_body=`` in the client). Fields OpenAI has and this server cannot honour are refused with a 400 naming
+``regex``, ``json_schema``, ``no_repeat_ngram_size``) and ``top_k`` / ``repetition_penalty`` are accepted as
+extra body fields (``extra_body=`` in the client); ``n``, ``frequency_penalty`` and ``presence_penalty`` are
+OpenAI's own. Fields OpenAI has and this server cannot honour are refused with a 400 naming
 them, never silently ignored; unknown fields are a 422.
 """
 
