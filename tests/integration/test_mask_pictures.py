@@ -50,7 +50,8 @@ def test_emphasized_key_columns_are_drawn_differently(client: TestClient) -> Non
     row = [image.getpixel(cell_centre(*image.size, n - 1, s, n, n)) for s in range(n)]
     inside = {row[s] for s in emphasized}
     outside = {row[s] for s in range(n) if s not in emphasized}
-    assert len(inside) == 1 and len(outside) == 1, (inside, outside)  # one colour each ...
+    assert len(inside) == 1, inside  # one colour each ...
+    assert len(outside) == 1, outside
     assert inside != outside  # ... and not the same one
     assert (255, 255, 255) not in inside | outside  # attended cells are never white
     # a blocked cell (the first query may not attend the last key) is white
