@@ -219,7 +219,7 @@ class GenerationScheduler:
         self._drop_cancelled()
         try:
             if admit:
-                PROMPT_TOKENS.labels(WORKER).inc(sum(len(s.job.prompt_ids) for s in admit))
+                PROMPT_TOKENS.labels(WORKER).inc(sum(len(s.job.prompt_ids) for s in admit if s.index == 0))  # once per request
                 self._finish(self.batch.add(admit))
             if self.batch.rows:
                 BATCH_SIZE.labels(WORKER).observe(len(self.batch.rows))
