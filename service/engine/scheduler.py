@@ -219,7 +219,8 @@ class GenerationScheduler:
         self._drop_cancelled()
         try:
             if admit:
-                PROMPT_TOKENS.labels(WORKER).inc(sum(len(s.job.prompt_ids) for s in admit if s.index == 0))  # once per request
+                prompts = sum(len(s.job.prompt_ids) for s in admit if s.index == 0)  # once per request, not per n
+                PROMPT_TOKENS.labels(WORKER).inc(prompts)
                 self._finish(self.batch.add(admit))
             if self.batch.rows:
                 BATCH_SIZE.labels(WORKER).observe(len(self.batch.rows))
