@@ -82,6 +82,15 @@ class NotFound(MaskserveError):
     error_type = "not_found_error"
 
 
+class ModelNotFound(NotFound):
+    """404 ``model_not_found``: a request names a model this server does not serve (as OpenAI and vLLM answer)."""
+
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, param="model", code="model_not_found")
+
+
 class PayloadTooLarge(MaskserveError):
     """413: the request body exceeds MASKSERVE_MAX_BODY_BYTES."""
 

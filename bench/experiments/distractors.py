@@ -13,7 +13,7 @@ Conditions: the prompt without the distractor (the ceiling), the distractor with
 excluded, the two documents isolated (Parallel Context Windows, Ratner et al. 2023; with and without position
 restarts), emphasis on the relevant document (PASTA-style key bias, Zhang et al. 2023, factors 3 and 10 on
 all layers and heads, the service's default), and a control that excludes the *relevant* document.
-All masks and position ids come from service/masks/attention.py (constrained_structure,
+All masks and position ids come from service/masks/ (constrained_structure,
 constrained_position_ids, emphasis_key_bias, to_4d), as in the service.
 
 Scoring shares the prompt between candidates: one forward per item and condition over the prompt followed

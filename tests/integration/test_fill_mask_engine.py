@@ -1,4 +1,4 @@
-"""service/engine/fill_mask.py on the tiny models: encoding, the three searches against direct model calls,
+"""service/engine/fill/ on the tiny models: encoding, the three searches against direct model calls,
 batch invariance, the MNTP path, and the worker's queue, timeout and cancellation behaviour."""
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ def test_openai_n_plain_and_streamed(client: openai.OpenAI, tiny_llama: LoadedMo
     ("kw", "status", "param"),
     [
         ({"n": 9}, 400, "n"),  # MASKSERVE_MAX_N is 8
-        ({"model": "gpt-4"}, 400, "model"),
+        ({"model": "gpt-4"}, 404, "model"),
         ({"presence_penalty": 2.5}, 422, "presence_penalty"),
         ({"extra_body": {"regex": "("}}, 400, "regex"),
         ({"extra_body": {"bad_word": ["x"]}}, 422, "bad_word"),
@@ -240,3 +240,29 @@ def test_openai_errors_name_the_param(
     assert err.value.status_code == status
     assert isinstance(err.value.body, dict)
     assert err.value.body["param"] == param
+
+
+def test_openai_conventions(client: openai.OpenAI, tiny_llama: LoadedModel) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert isinstance(err.value.body, dict)
+    assert err.value.body["code"] == "model_not_found"
+    # fields OpenAI clients send are accepted (and change nothing here)
+    kw: dict[str, Any] = {"model": tiny_llama.name, "messages": [{"role": "user", "content": "hi"}],
+                          "max_completion_tokens": 3, "temperature": 0}  # fmt: skip
+    plain = client.chat.completions.create(**kw)
+    sent = client.chat.completions.create(
+        **kw, metadata={"team": "a"}, store=False, service_tier="auto", parallel_tool_calls=False
+    )
+    assert sent.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_openai_completion_stream_with_usage(client: openai.OpenAI, tiny_llama: LoadedModel) -> None:
+    kw: dict[str, Any] = {"model": tiny_llama.name, "prompt": "the dog", "max_tokens": 5, "temperature": 0}
+    whole = client.completions.create(**kw)
+    parts, usage = [], None
+    for chunk in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        parts += [c.text for c in chunk.choices]
+        usage = chunk.usage or usage
+    assert "".join(parts) == whole.choices[0].text
+    assert usage == whole.usage

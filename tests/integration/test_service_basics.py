@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -38,3 +41,10 @@ def test_unknown_route_uses_error_shape(bert_settings: Settings, tiny_bert: Load
         assert response.json() == {
             "error": {"message": "Not Found", "type": "not_found_error", "param": None, "code": None}
         }
+
+
+def test_models_names_the_adapter_and_holds_no_server_path(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    with TestClient(create_app(mntp_settings, loaded=tiny_mntp)) as client:
+        (model,) = client.get("/v1/models").json()["data"]
+    assert model["adapter"] == Path(str(tiny_mntp.adapter)).name
+    assert str(Path(str(tiny_mntp.adapter)).parent) not in json.dumps(model)

@@ -1,4 +1,4 @@
-"""service/masks/attention.py and service/masks/fill.py: exact expected tensors."""
+"""service/masks/attention.py, batch.py and fill.py: exact expected tensors."""
 
 from __future__ import annotations
 

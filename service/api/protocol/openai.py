@@ -34,6 +34,11 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     stop: Word | list[Word] | None = Field(None)
     user: str | None = Field(None, description="Accepted and ignored.")
+    # Sent by OpenAI clients; they change nothing here (no stored completions, one service tier, no tools).
+    metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    store: bool | None = Field(None, description="Accepted and ignored (nothing is stored).")
+    service_tier: str | None = Field(None, description="Accepted and ignored (one tier).")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted and ignored (no tool calling).")
 
 
 # --- /v1/completions ----------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from service.config import Settings
 from service.engine.generate import GenerationJob, GenerationResult, TokenInfo
 from service.engine.params import FinishReason
 from service.engine.scheduler import GenerationHandle, GenerationScheduler
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, ModelNotFound
 
 OPENAI_FINISH = {
     FinishReason.LENGTH: "length",
@@ -45,7 +45,7 @@ OPENAI_FINISH = {
 
 def _check_common(req: OpenAIFields, served: str) -> None:
     if req.model != served:
-        raise InvalidRequest(f"this server serves the model {served!r}, not {req.model!r}", param="model")
+        raise ModelNotFound(f"the model {req.model!r} does not exist here; this server serves {served!r}")
     if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
         raise InvalidRequest(f"at most {MAX_STOP} stop sequences", param="stop")
 
