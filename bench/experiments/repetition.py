@@ -15,6 +15,7 @@ Spread: 95% bootstrap intervals over prompts (2000 resamples).
 
     python -m bench.experiments.repetition            # full run, docs/interference/repetition.{md,png}
     python -m bench.experiments.repetition --smoke    # tiny model, seconds
+    python -m bench.experiments.repetition --paired docs/interference/repetition.outputs.jsonl  # paired table
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -180,6 +182,31 @@ def distinct_n(text: str, n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 1.0
 
 
+def paired_vs_free(
+    outputs: Sequence[dict[str, object]], seed: int = 0
+) -> list[tuple[str, float, float, float, int, int]]:
+    """Per condition, the list score's paired difference to the free condition (same prompts): mean and 95%
+    percentile-bootstrap interval in points, and on how many prompts it was better / worse."""
+    by: dict[str, list[float]] = {}
+    for o in outputs:
+        by.setdefault(str(o["condition"]), []).append(float(o["list_score"]))  # type: ignore[arg-type]
+    free = np.array(by.pop("free"))
+    idx = np.random.default_rng(seed).integers(0, len(free), size=(2000, len(free)))  # (R, items)
+    out = []
+    for label, values in by.items():
+        d = np.array(values) - free  # (items,)
+        lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
+        out.append((label, 100 * float(d.mean()), 100 * float(lo), 100 * float(hi), int((d > 0).sum()),
+                    int((d < 0).sum())))  # fmt: skip
+    return out
+
+
+def paired_table(outputs: Sequence[dict[str, object]], seed: int = 0) -> str:
+    rows = [[label, f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]", f"{better} / {worse}"]
+            for label, m, lo, hi, better, worse in paired_vs_free(outputs, seed)]  # fmt: skip
+    return markdown_table(["condition", "list score vs free, points (paired 95% CI)", "prompts better / worse"], rows)
+
+
 def generate(loaded: LoadedModel, vocab: ModelVocab, items: Sequence[Item], cond: Condition, max_new: int,
              batch_size: int) -> list[tuple[str, list[int]]]:  # fmt: skip
     """Greedy outputs (text, token ids without end-of-sequence) through the engine's decode loop."""
@@ -274,10 +301,17 @@ def main(argv: Sequence[str] | None = None) -> Result:
              f"`{examples['no_repeat_ngram_size=3'][:90]!r}`.")  # fmt: skip
     run.out.mkdir(parents=True, exist_ok=True)
     (run.out / f"{NAME}.outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outputs))
-    notes += f" Every output: `{NAME}.outputs.jsonl`."
+    notes += (
+        f" Every output: `{NAME}.outputs.jsonl`.\n\nPaired with the free condition (same prompts, 2000 "
+        f"bootstrap resamples of the prompts):\n\n{paired_table(outputs, run.seed)}"
+    )
     return publish(run, NAME, "Experiment 7 — repetition: no-repeat output mask and penalties", table, fig,
                    notes=notes, rows=records, clock=clock)  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--paired"]:  # recompute the paired table from a run's outputs: --paired FILE
+        with open(sys.argv[2]) as lines:
+            print(paired_table([json.loads(line) for line in lines]))
+    else:
+        main()
