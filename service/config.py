@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(128, ge=1, description="max_new_tokens of a request that does not say.")
     max_running_requests: int = Field(32, ge=1, le=1024, description="Decode batch size (continuous batching).")
     max_queued_requests: int = Field(256, ge=0, description="Waiting requests beyond the running ones; then 429.")
+    max_n: int = Field(
+        8, ge=1, le=128, description="Most sequences one generation request may ask for (n); each takes a slot."
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this fails.")
     grammar_cache_size: int = Field(64, ge=1, description="Compiled grammars kept (LRU).")
 

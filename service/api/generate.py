@@ -10,10 +10,17 @@ from fastapi.responses import JSONResponse, Response
 
 from service.api.health import EngineDep
 from service.api.mask_store import mask_store
-from service.api.protocol.generate import GenerateRequest, GenerateResponse
-from service.api.serving.generate import generate_job, generate_response, result_event, token_event
+from service.api.protocol.generate import GenerateChoicesResponse, GenerateRequest, GenerateResponse
+from service.api.serving.generate import (
+    generate_choices_response,
+    generate_job,
+    generate_response,
+    result_event,
+    stream_event,
+    token_event,
+)
 from service.api.serving.reports import generate_report, token_decoder
-from service.api.sse import EventStream, result_or_cancel, sse_responses
+from service.api.sse import EventStream, results_or_cancel, sse_responses
 from service.engine.generate import GenerationResult
 from service.engine.scheduler import GenerationHandle
 
@@ -22,12 +29,15 @@ router = APIRouter(tags=["generation"])
 
 @router.post(
     "/v1/generate",
-    response_model=GenerateResponse,
+    response_model=GenerateResponse | GenerateChoicesResponse,
     response_model_exclude={"masks"},  # present only with return_masks (answered as a JSONResponse)
     summary="Generate text, with output masks",
+    description="With n = 1 a GenerateResponse; with n > 1 a GenerateChoicesResponse (one choice per sequence).",
     responses=sse_responses("JSON, or SSE if stream"),
 )
-async def generate(body: GenerateRequest, engine: EngineDep, request: Request) -> Response | GenerateResponse:
+async def generate(
+    body: GenerateRequest, engine: EngineDep, request: Request
+) -> Response | GenerateResponse | GenerateChoicesResponse:
     gen = engine.require_generation()
     job, encoded = generate_job(body, gen, engine.settings)
     handle = await gen.submit(job)
@@ -41,8 +51,14 @@ async def generate(body: GenerateRequest, engine: EngineDep, request: Request) -
     mask_store(request).put(job.request_id, report)
     if body.stream:
         return EventStream(_stream(handle, body.top_logprobs > 0), handle)
-    outcome["result"] = await result_or_cancel(handle, request)
-    response = generate_response(outcome["result"], model, body.top_logprobs > 0)
+    results = await results_or_cancel(handle, request)
+    outcome["result"] = results[0]  # the report's output steps: sequence 0's
+    with_top = body.top_logprobs > 0
+    response: GenerateResponse | GenerateChoicesResponse = (
+        generate_response(results[0], model, with_top)
+        if body.n == 1
+        else generate_choices_response(results, model, with_top)
+    )
     if not body.return_masks:
         return response
     response.masks = report(False)
@@ -50,8 +66,9 @@ async def generate(body: GenerateRequest, engine: EngineDep, request: Request) -
 
 
 async def _stream(handle: GenerationHandle, with_top: bool) -> AsyncIterator[dict[str, Any]]:
+    """Token events, then each sequence's result event (with n > 1 interleaved, each naming its ``choice``)."""
     async for event in handle.events():
         if isinstance(event, GenerationResult):
-            yield result_event(event).model_dump(mode="json")
+            yield stream_event(result_event(event), handle.n)
         else:
-            yield token_event(handle.request_id, event, with_top).model_dump(mode="json")
+            yield stream_event(token_event(handle.request_id, event, with_top), handle.n)

@@ -22,7 +22,7 @@ from service.engine.core import Engine
 from service.engine.fill.job import FillMaskJob
 from service.engine.generate import GenerationJob
 from service.errors import ErrorResponse, InvalidRequest, NotFound
-from service.masks.inspect import dense_rows, render_heatmap_png
+from service.masks.inspect import dense_rows, render_heatmap_png, render_output_steps_png
 
 router = APIRouter(tags=["masks"])
 
@@ -74,9 +74,24 @@ def render(report: dict[str, Any], fmt: Format, picture: Picture = "mask") -> Re
             colorbar_label="attention weight",
         )
         return Response(png, media_type="image/png")
+    if picture == "output":
+        steps = (report.get("output") or {}).get("steps")
+        if not steps:
+            raise InvalidRequest(
+                "picture=output needs the output-mask steps of a finished generation: run /v1/generate with "
+                '"return_masks": true, then GET /v1/masks/{id}?format=png&picture=output',
+                param="picture",
+            )
+        kinds = ", ".join(report["output"]["kinds"]) or "none"
+        png = render_output_steps_png(steps, title=f"output masks per decode step ({kinds})")
+        return Response(png, media_type="image/png")
     mask = dense_rows(att["rows"], att["key_length"])  # (T, S)
+    constraints = att.get("constraints") or {}
+    marks = {kind: constraints.get(kind) or [] for kind in ("exclude", "isolate", "emphasis")}
     title = f"{report['endpoint']} attention mask ({att['type']})"
-    png = render_heatmap_png(mask, query_labels=labels, key_labels=labels, title=title)
+    png = render_heatmap_png(
+        mask, query_labels=labels, key_labels=labels, title=title, key_bias=att.get("key_bias"), marks=marks
+    )
     return Response(png, media_type="image/png")
 
 
@@ -95,7 +110,9 @@ async def masks_dry_run(
     engine: EngineDep,
     request: Request,
     format: Format = Query("json"),
-    picture: Picture = Query("mask", description="With format=png: the attention mask, or the weights."),
+    picture: Picture = Query(
+        "mask", description="With format=png: the attention mask, or the weights (output: see GET /v1/masks/{id})."
+    ),
 ) -> Response:
     request_id = str(getattr(request.state, "request_id", "dry-run"))
     if body.attention_layer is not None and not body.attention_weights:
@@ -119,9 +136,17 @@ async def masks_dry_run(
     responses={**PNG, 404: {"model": ErrorResponse}},
 )
 async def masks_of_request(
-    request_id: str, request: Request, format: Format = Query("json"), dense: bool = Query(False)
+    request_id: str,
+    request: Request,
+    format: Format = Query("json"),
+    dense: bool = Query(False),
+    picture: Picture = Query(
+        "mask", description="With format=png: the attention mask, or the output masks per decode step (output)."
+    ),
 ) -> Response:
     build = mask_store(request).get(request_id)
     if build is None:
         raise NotFound(f"no recent request has id {request_id!r} (only the last few are kept)", param="request_id")
-    return render(build(dense), format)  # attention weights only on the dry run: they cost a forward
+    if picture == "weights":
+        raise InvalidRequest("attention weights are drawn on the dry run only (POST /v1/masks)", param="picture")
+    return render(build(dense), format, picture)  # attention weights only on the dry run: they cost a forward

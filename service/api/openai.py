@@ -21,7 +21,7 @@ from service.api.serving.openai import (
     completion_job,
     completion_response,
 )
-from service.api.sse import EventStream, result_or_cancel, sse_responses
+from service.api.sse import EventStream, results_or_cancel, sse_responses
 
 router = APIRouter(tags=["openai"])
 
@@ -42,7 +42,7 @@ async def completions(body: CompletionRequest, engine: EngineDep, request: Reque
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(completion_chunks(handle, model, with_lp, usage), handle)
-    return completion_response(await result_or_cancel(handle, request), model, with_lp)
+    return completion_response(await results_or_cancel(handle, request), model, with_lp)
 
 
 @router.post(
@@ -61,4 +61,4 @@ async def chat_completions(
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(chat_chunks(handle, model, body.logprobs, usage), handle)
-    return chat_response(await result_or_cancel(handle, request), model, body.logprobs)
+    return chat_response(await results_or_cancel(handle, request), model, body.logprobs)

@@ -2,7 +2,7 @@
 
 Starlette's ``StreamingResponse`` notices a closed connection only on its next write under ASGI 2.4 (uvicorn),
 so :class:`EventStream` listens for ``http.disconnect`` itself and cancels the generation at once: the slot
-frees at the next decode step. :func:`result_or_cancel` does the same for a request waiting on a full answer.
+frees at the next decode step. :func:`results_or_cancel` does the same for a request waiting on a full answer.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-async def result_or_cancel(handle: GenerationHandle, request: Request) -> GenerationResult:
-    """Wait for the whole answer; cancel the generation if the client disconnects meanwhile."""
+async def results_or_cancel(handle: GenerationHandle, request: Request) -> list[GenerationResult]:
+    """Wait for the whole answer (every sequence's result, by index); cancel the generation if the client
+    disconnects meanwhile."""
 
     async def watch() -> None:
         await disconnected(request)
@@ -83,7 +84,7 @@ async def result_or_cancel(handle: GenerationHandle, request: Request) -> Genera
 
     watcher = asyncio.create_task(watch())
     try:
-        return await handle.result()
+        return await handle.results()
     finally:
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -9,7 +9,9 @@ loop is ours. :class:`DecodeBatch` holds the running requests (:class:`Sequence`
 - ``remove(seqs)``: drop rows that were cancelled or timed out.
 
 Each row carries its own sampling parameters, seed (a ``torch.Generator`` of its own, so a seeded request
-samples the same tokens whatever else runs beside it) and output masks. Greedy output is the same alone or in
+samples the same tokens whatever else runs beside it) and output masks. A request for ``n`` sequences is ``n``
+rows of one job (``RunningRequest.index`` 0..n-1, seeds ``seed + index``): ``add`` prefills its prompt once
+and copies the KV cache to the ``n`` rows. Greedy output is the same alone or in
 a batch: rows never mix, padding is masked, and position ids are explicit per row.
 """
 
@@ -103,6 +105,7 @@ class MaskStep:
 @dataclass(frozen=True)
 class TokenEvent:
     index: int
+    choice: int  # which of the request's n sequences
     token: TokenInfo
     text: str  # new text that can be shown now (text that may start a stop sequence is held back)
 
@@ -117,6 +120,7 @@ class GenerationResult:
     seed: int
     rest: str  # text not yet sent in token events (streaming)
     mask_steps: tuple[MaskStep, ...] | None = None
+    index: int = 0  # which of the request's n sequences
 
     @property
     def completion_tokens(self) -> int:
@@ -135,18 +139,38 @@ def compile_job(job: GenerationJob, vocab: ModelVocab, *, dtype: torch.dtype, di
     job.compiled = True
 
 
-class RunningRequest:
-    """A request while it runs: its tokens, masks, text and random generator."""
+def sequence_seed(base: int, index: int) -> int:
+    """The seed of sequence ``index`` of a request seeded ``base``: ``base + index`` (wrapping at 2**63)."""
+    return (base + index) % 2**63
 
-    def __init__(self, job: GenerationJob, device: torch.device) -> None:
+
+class RunningRequest:
+    """One sequence of a request while it runs: its tokens, masks, text and random generator.
+
+    ``index``: which of the job's ``n`` sequences; ``base_seed``: the request's seed (drawn once per request
+    when it gave none, so that all n sequences derive from the one seed the response reports); ``group``: the
+    same object for the n sequences of one request (they share a prefill), a new one by default."""
+
+    def __init__(
+        self,
+        job: GenerationJob,
+        device: torch.device,
+        *,
+        index: int = 0,
+        base_seed: int | None = None,
+        group: object | None = None,
+    ) -> None:
         if not job.compiled:
             raise ValueError("compile the job's masks first (compile_job)")
         self.job = job
+        self.index = index
+        self.group = group if group is not None else object()
         self.params = job.params
         self.attention = job.attention or RequestAttention(len(job.prompt_ids))
         mask = job.compiled_output
-        self.mask_state: OutputMaskState | None = mask.new_state() if mask is not None else None
-        self.seed = job.params.seed if job.params.seed is not None else secrets.randbits(63)
+        self.mask_state: OutputMaskState | None = mask.new_state(job.prompt_ids) if mask is not None else None
+        base = base_seed if base_seed is not None else job.params.seed
+        self.seed = sequence_seed(base if base is not None else secrets.randbits(63), index)
         self.generator: torch.Generator | None = None
         if not job.params.greedy:
             self.generator = torch.Generator(device=device)
@@ -178,6 +202,7 @@ class RunningRequest:
             seed=self.seed,
             rest=self.text.take_rest(),
             mask_steps=tuple(self.mask_steps) if self.mask_steps is not None else None,
+            index=self.index,
         )
 
 
@@ -208,21 +233,37 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, seqs: Sequence[RunningRequest]) -> list[RunningRequest]:
-        """Prefill ``seqs`` in one forward and join the ones still running; returns those already finished."""
-        attn = [s.attention for s in seqs]
-        mask4, positions, scoped, _ = batch_attention(attn, dtype=self.dtype, device=self.device)  # (B,1,T,T), (B,T)
+        """Prefill ``seqs`` in one forward and join the ones still running; returns those already finished.
+
+        Sequences of one request (n > 1: the same ``group``) share one prefill row: its logits and KV cache are copied
+        to each of them (``index_select`` with repeated indices) before they choose their first tokens."""
+        first: dict[int, int] = {}  # id(group) -> its prefill row
+        prefill: list[RunningRequest] = []  # one sequence per request, in order
+        for s in seqs:
+            if id(s.group) not in first:
+                first[id(s.group)] = len(prefill)
+                prefill.append(s)
+        attn = [s.attention for s in prefill]
+        mask4, positions, scoped, _ = batch_attention(attn, dtype=self.dtype, device=self.device)  # (P,1,T,T), (P,T)
         width = positions.shape[1]
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long, device=self.device)  # (B, T)
-        for b, s in enumerate(seqs):
+        ids = torch.full((len(prefill), width), self.pad_id, dtype=torch.long, device=self.device)  # (P, T)
+        for b, s in enumerate(prefill):
             ids[b, width - len(s.job.prompt_ids) :] = torch.tensor(s.job.prompt_ids, device=self.device)
         cache = BatchKVCache(self.num_layers)
-        logits = self._forward(ids, mask4, positions, cache, scoped)
+        logits = self._forward(ids, mask4, positions, cache, scoped)  # (P, V)
+        new_mask = DecodeMask.for_prompts(attn, dtype=self.dtype, device=self.device)
+        rows = [first[id(s.group)] for s in seqs]
+        if len(prefill) < len(seqs):  # copy each shared prompt to its n rows
+            spread = torch.tensor(rows, device=self.device)  # (B,)
+            logits = logits[spread]  # (B, V)
+            cache.select(spread)
+            new_mask = new_mask.select(spread)
+        attn = [s.attention for s in seqs]
         chosen = self._choose(logits, seqs)
         keep = [b for b, s in enumerate(seqs) if not s.finished]
         done = [s for s in seqs if s.finished]
         if not keep:
             return done
-        new_mask = DecodeMask.for_prompts(attn, dtype=self.dtype, device=self.device)
         index = torch.tensor(keep, device=self.device)
         if len(keep) < len(seqs):
             cache.select(index)
@@ -299,6 +340,10 @@ class DecodeBatch:
         for b, s in enumerate(seqs):
             if s.params.repetition_penalty != 1.0:
                 _penalize_repetition(logits[b], s.job.prompt_ids + s.generated, s.params.repetition_penalty)
+            if s.params.penalized and s.generated:
+                penalize_frequency_presence(
+                    logits[b], s.generated, s.params.frequency_penalty, s.params.presence_penalty
+                )
         states = [s.mask_state for s in seqs]
         dead = set(apply_output_masks(logits, states)) if any(st is not None for st in states) else set()
         logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
@@ -348,7 +393,7 @@ class DecodeBatch:
         if s.finished:
             s.text.finish()
         if s.job.stream:
-            s.emit(TokenEvent(len(s.generated) - 1, info, s.text.take_safe()))
+            s.emit(TokenEvent(len(s.generated) - 1, s.index, info, s.text.take_safe()))
 
 
 @torch.inference_mode()
@@ -375,6 +420,14 @@ def _penalize_repetition(row: Tensor, seen: list[int], penalty: float) -> None:
     ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=row.device)
     scores = row[ids]
     row[ids] = torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
+def penalize_frequency_presence(row: Tensor, generated: Sequence[int], frequency: float, presence: float) -> None:
+    """OpenAI's penalties (vLLM applies them the same way, after repetition_penalty), in place on a row (V,):
+    ``logit[j] -= c[j] * frequency + (c[j] > 0) * presence``, with ``c[j]`` the times token j was generated so
+    far (the prompt does not count)."""
+    ids, counts = torch.tensor(list(generated), dtype=torch.long, device=row.device).unique(return_counts=True)
+    row[ids] -= counts.to(row.dtype) * frequency + presence  # every id here has c[j] > 0
 
 
 def _sample(row: Tensor, params: SamplingParams, generator: torch.Generator | None) -> Tensor:

@@ -23,9 +23,17 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = no limit
     repetition_penalty: float = 1.0  # CTRL's penalty (Keskar et al. 2019), over prompt and output, as transformers
+    # OpenAI's additive penalties, over the output only: logit[j] -= c[j] * frequency + (c[j] > 0) * presence
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     top_logprobs: int = 0  # alternatives reported per token
+    n: int = 1  # sequences of the one prompt (prefilled once); sequence i samples with seed + i
+
+    @property
+    def penalized(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import deque
@@ -47,14 +48,20 @@ PREFILL_TOKEN_BUDGET = 4096
 
 
 class GenerationHandle:
-    """The route's side of a submitted request: events arrive on the event loop, ``cancel()`` stops it."""
+    """The route's side of a submitted request: events arrive on the event loop, ``cancel()`` stops it.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, seq: RunningRequest, scheduler: GenerationScheduler) -> None:
+    A request for n sequences has n running rows; its events interleave (each carries its sequence's index) and
+    end after the n-th result."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, seqs: Sequence[RunningRequest], scheduler: GenerationScheduler
+    ) -> None:
         self._loop = loop
         self._queue: asyncio.Queue[TokenEvent | GenerationResult | MaskserveError] = asyncio.Queue()
-        self._seq = seq
+        self._seqs = list(seqs)
         self._scheduler = scheduler
-        self.request_id = seq.job.request_id
+        self.request_id = seqs[0].job.request_id
+        self.n = len(self._seqs)
         self._done = False
 
     def _post(self, event: TokenEvent | GenerationResult | MaskserveError) -> None:
@@ -63,31 +70,38 @@ class GenerationHandle:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     def cancel(self) -> None:
-        """Stop generating (the client went away); the slot frees at the next step."""
-        if self._seq.cancelled or self._done:
+        """Stop generating (the client went away); the slots free at the next step."""
+        if self._done or all(s.cancelled for s in self._seqs):
             return
-        self._seq.cancelled = True
+        for seq in self._seqs:
+            seq.cancelled = True
         self._queue.put_nowait(ClientGone("the client closed the connection"))  # wakes anyone still waiting
         self._scheduler.wake()
 
     async def events(self) -> AsyncIterator[TokenEvent | GenerationResult]:
-        """Token events (streaming jobs only), then the result. Raises the error the request ended with."""
+        """Token events (streaming jobs only) and each sequence's result; ends after the last result. Raises
+        the error the request ended with."""
+        results = 0
         while True:
             event = await self._queue.get()
             if isinstance(event, MaskserveError):
                 self._done = True
                 raise event
             if isinstance(event, GenerationResult):
-                self._done = True
+                results += 1
+                self._done = results == self.n
             yield event
             if self._done:
                 return
 
+    async def results(self) -> list[GenerationResult]:
+        """Every sequence's result, by index."""
+        out = [event async for event in self.events() if isinstance(event, GenerationResult)]
+        return sorted(out, key=lambda r: r.index)
+
     async def result(self) -> GenerationResult:
-        async for event in self.events():
-            if isinstance(event, GenerationResult):
-                return event
-        raise RuntimeError("generation ended without a result")  # pragma: no cover
+        """The result of a request for one sequence (the first one's, for n > 1)."""
+        return (await self.results())[0]
 
 
 class GenerationScheduler:
@@ -152,16 +166,21 @@ class GenerationScheduler:
                 f"exceeds the model's {self.max_positions} positions",
                 param=max_new_tokens_param,
             )
-        self._refuse_if_full()  # before compiling: a full server should answer fast
+        n = job.params.n
+        self._refuse_if_full(n)  # before compiling: a full server should answer fast
         await self._compute.run(self.compile, job)
-        seq = RunningRequest(job, self.batch.device)
-        seq.deadline = seq.submitted + self.settings.request_timeout_s
-        handle = GenerationHandle(asyncio.get_running_loop(), seq, self)
-        seq.emit = handle._post
+        # n sequences of one request: one seed for all (seed + i each), queued side by side, admitted together
+        base = job.params.seed if job.params.seed is not None else secrets.randbits(63)
+        group = object()
+        seqs = [RunningRequest(job, self.batch.device, index=i, base_seed=base, group=group) for i in range(n)]
+        handle = GenerationHandle(asyncio.get_running_loop(), seqs, self)
+        for seq in seqs:  # one deadline for all n: they time out together
+            seq.deadline = seqs[0].submitted + self.settings.request_timeout_s
+            seq.emit = handle._post
         with self._mutex:
-            self._refuse_if_full()
-            self._active += 1
-            self._waiting.append(seq)
+            self._refuse_if_full(n)
+            self._active += n
+            self._waiting.extend(seqs)
             QUEUE_DEPTH.labels(WORKER).set(len(self._waiting))
             self._queue_tick()
         for kind in job.mask_kinds:
@@ -172,11 +191,12 @@ class GenerationScheduler:
         """Compile the job's masks once (run it on the compute thread); raises MaskError naming the field."""
         compile_job(job, self.vocab, dtype=self.batch.dtype, dims=self.loaded.attention_dims)
 
-    def _refuse_if_full(self) -> None:
+    def _refuse_if_full(self, n: int = 1) -> None:
+        """``n``: the sequences the request would add (each takes a slot)."""
         capacity = self.settings.max_running_requests + self.settings.max_queued_requests
         if self._stopping:
             raise NotReady("the server is shutting down")
-        if self._active >= capacity:
+        if self._active + n > capacity:
             REJECTED.labels("queue_full").inc()
             # The wait for a slot is about one request's duration per batch of queued requests ahead.
             ahead = max(1, self._active - self.settings.max_running_requests + 1)
@@ -199,7 +219,8 @@ class GenerationScheduler:
         self._drop_cancelled()
         try:
             if admit:
-                PROMPT_TOKENS.labels(WORKER).inc(sum(len(s.job.prompt_ids) for s in admit))
+                prompts = sum(len(s.job.prompt_ids) for s in admit if s.index == 0)  # once per request, not per n
+                PROMPT_TOKENS.labels(WORKER).inc(prompts)
                 self._finish(self.batch.add(admit))
             if self.batch.rows:
                 BATCH_SIZE.labels(WORKER).observe(len(self.batch.rows))
@@ -215,7 +236,8 @@ class GenerationScheduler:
                 self._queue_tick()
 
     def _admit(self) -> list[RunningRequest]:
-        """Take waiting requests while slots and the prefill budget last (at least one if a slot is free)."""
+        """Take waiting requests while slots and the prefill budget last (at least one if slots are free). The
+        n sequences of one request are taken together (they share one prefill row)."""
         now = time.monotonic()
         for seq in [s for s in self._waiting if s.cancelled or s.deadline <= now]:
             self._waiting.remove(seq)
@@ -223,12 +245,19 @@ class GenerationScheduler:
         admit: list[RunningRequest] = []
         free = self.settings.max_running_requests - len(self.batch.rows)
         longest = 0
-        while self._waiting and len(admit) < free:
-            longest_if = max(longest, len(self._waiting[0].job.prompt_ids))
-            if admit and longest_if * (len(admit) + 1) > PREFILL_TOKEN_BUDGET:
+        prompts = 0  # prefill rows: one per job
+        while self._waiting:
+            job, request = self._waiting[0].job, self._waiting[0].group
+            group = 1
+            while group < len(self._waiting) and self._waiting[group].group is request:
+                group += 1
+            if len(admit) + group > free:
                 break
-            longest = longest_if
-            admit.append(self._waiting.popleft())
+            longest_if = max(longest, len(job.prompt_ids))
+            if admit and longest_if * (prompts + 1) > PREFILL_TOKEN_BUDGET:
+                break
+            longest, prompts = longest_if, prompts + 1
+            admit += [self._waiting.popleft() for _ in range(group)]
         QUEUE_DEPTH.labels(WORKER).set(len(self._waiting))
         return admit
 

@@ -33,6 +33,7 @@ class MaskKind(StrEnum):
     REGEX = "regex"
     JSON_SCHEMA = "json_schema"
     JSON_OBJECT = "json_object"
+    NO_REPEAT_NGRAM = "no_repeat_ngram"  # no_repeat_ngram_size
     # output masks of fill-mask (which vocabulary entries may fill a mask)
     TARGETS = "targets"
     WHOLE_WORD = "whole_word"

@@ -20,6 +20,9 @@ What each mask does (in this order):
 - grammars (``choice``, ``regex``, ``json_schema``, ``json_object``), compiled with xgrammar and kept in a
   bounded LRU cache: the output is a prefix of a string in the language, and ends only where the language
   allows it. Special tokens other than end-of-sequence are blocked under a grammar (they do not print);
+- ``no_repeat_ngram_size`` n: a token that would complete an n-gram already present in the prompt + output
+  is blocked (transformers' ``no_repeat_ngram_size``). Each row keeps a table from every (n-1)-gram seen to
+  the tokens that followed it, extended by one n-gram per generated token, so a step costs one lookup;
 - ``min_tokens``: the end-of-sequence tokens are blocked until that many tokens were generated. It yields to
   the masks above: when they leave nothing else, end-of-sequence is allowed again.
 
@@ -61,6 +64,7 @@ class OutputMaskSpec:
     regex: str | None = None
     json_schema: str | None = None  # JSON text of the schema
     json_object: bool = False  # any JSON object (OpenAI's response_format json_object)
+    no_repeat_ngram_size: int = 0  # 0 = off; n: no n-gram of prompt + output appears twice
     # Where a field came from in the request, when not under its own name (e.g. the OpenAI routes' schema).
     param_names: tuple[tuple[str, str], ...] = ()
 
@@ -84,9 +88,38 @@ class CompiledOutputMask:
     min_tokens: int
     eos_ids: Tensor  # (e,) long
     kinds: tuple[MaskKind, ...]  # which masks are active, for metrics and inspection
+    no_repeat_ngram: int = 0  # n of no_repeat_ngram_size (0 = off)
 
-    def new_state(self) -> OutputMaskState:
-        return OutputMaskState(self)
+    def new_state(self, prompt_ids: Sequence[int] = ()) -> OutputMaskState:
+        """A running request's state; ``prompt_ids`` seed the n-grams that must not repeat."""
+        state = OutputMaskState(self)
+        if self.no_repeat_ngram:
+            state.ngrams = NgramTable(self.no_repeat_ngram, prompt_ids)
+        return state
+
+
+class NgramTable:
+    """Every n-gram of a token sequence, as (n-1)-gram -> tokens that followed it; grows one token at a time."""
+
+    def __init__(self, n: int, tokens: Sequence[int] = ()) -> None:
+        self.n = n
+        self.history: list[int] = []
+        self.followers: dict[tuple[int, ...], set[int]] = {}
+        for token in tokens:
+            self.add(token)
+
+    def add(self, token: int) -> None:
+        self.history.append(token)
+        if len(self.history) >= self.n:
+            gram = self.history[-self.n :]
+            self.followers.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+    def banned(self) -> list[int]:
+        """The tokens that would complete an n-gram already seen (none before n-1 tokens exist)."""
+        if len(self.history) < self.n - 1:
+            return []
+        prefix = tuple(self.history[len(self.history) - self.n + 1 :])
+        return sorted(self.followers.get(prefix, ()))
 
 
 @dataclass
@@ -97,6 +130,7 @@ class OutputMaskState:
     node: int = 0
     generated: int = 0
     matcher: xgr.GrammarMatcher | None = field(default=None, repr=False)
+    ngrams: NgramTable | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.mask.grammar is not None and self.matcher is None:
@@ -107,6 +141,8 @@ class OutputMaskState:
         self.generated += 1
         if self.mask.bad_words is not None:
             self.node = self.mask.bad_words.advance(self.node, token_bytes)
+        if self.ngrams is not None:
+            self.ngrams.add(token_id)
         matcher = self.matcher
         if matcher is not None and not matcher.is_terminated() and not matcher.accept_token(token_id):
             raise RuntimeError(f"grammar rejected token {token_id}, which its own mask allowed")
@@ -176,6 +212,11 @@ def compile_output_mask(
         bias_values = torch.tensor([v for _, v in spec.logit_bias], dtype=torch.float32)
         kinds.append(MaskKind.LOGIT_BIAS)
 
+    if spec.no_repeat_ngram_size < 0:
+        raise MaskError(spec.param("no_repeat_ngram_size"), "must be 0 (off) or a positive n-gram size")
+    if spec.no_repeat_ngram_size:
+        kinds.append(MaskKind.NO_REPEAT_NGRAM)
+
     if spec.min_tokens:
         if not bool(open_ids.any()):
             raise MaskError(spec.param("min_tokens"), "the other masks allow no token but end-of-sequence")
@@ -189,6 +230,7 @@ def compile_output_mask(
         min_tokens=spec.min_tokens,
         eos_ids=torch.tensor(eos, dtype=torch.long),
         kinds=tuple(kinds),
+        no_repeat_ngram=spec.no_repeat_ngram_size,
     )
 
 
@@ -268,6 +310,8 @@ def apply_output_masks(logits: Tensor, states: Sequence[OutputMaskState | None])
             row.masked_fill_(mask.blocked.to(row.device), NEG_INF)
         if mask.bad_words is not None:
             row.index_fill_(0, mask.bad_words.blocked(state.node).to(row.device), NEG_INF)
+        if state.ngrams is not None and (banned := state.ngrams.banned()):
+            row.index_fill_(0, torch.tensor(banned, dtype=torch.long, device=row.device), NEG_INF)
         if state.matcher is not None:
             if bitmask is None:
                 bitmask = xgr.allocate_token_bitmask(len(states), vocab)

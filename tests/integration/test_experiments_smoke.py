@@ -11,11 +11,11 @@ from typing import cast
 import pytest
 import torch
 
-from bench.experiments import distractors, loss_mask, masking_ratio, output_masks, packing, padding
+from bench.experiments import distractors, loss_mask, masking_ratio, output_masks, packing, padding, repetition
 from bench.experiments.common import Result, load_decoder
 from service.masks.constraints import AttentionConstraints
 
-EXPERIMENTS = [padding, packing, loss_mask, masking_ratio, distractors, output_masks]
+EXPERIMENTS = [padding, packing, loss_mask, masking_ratio, distractors, output_masks, repetition]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -89,3 +89,19 @@ def test_packing_with_the_mask_equals_alone(smoke: dict[str, Result]) -> None:
         d_pack, d_naive = cast(float, row["d_pack"]), cast(float, row["d_naive"])
         assert d_pack < 1e-4, row["variant"]  # a masked pack changes an example's logits by rounding only
         assert d_naive > 1e-3, row["variant"]  # an unmasked one does not
+
+
+def test_repetition_mask_leaves_no_repeated_trigram(smoke: dict[str, Result]) -> None:
+    rows = {r["condition"]: r for r in smoke[repetition.NAME].rows}
+    assert rows["no_repeat_ngram_size=3"]["repeated_3gram_rate"] == 0.0
+    assert rows["no_repeat_ngram_size=2"]["repeated_3gram_rate"] == 0.0
+
+
+def test_repetition_judges() -> None:
+    item = repetition.Item("fruits", 5, "List 5 fruits.")
+    assert repetition.list_score(item, "1. Apple\n2. Banana\n3. apples\n4. Cherry\n5. Rock") == 3 / 5
+    assert repetition.list_score(item, "apple, banana, cherry, pear, plum, mango") == 1.0
+    assert repetition.list_score(item, "apple, apple, apple, apple, apple") == 1 / 5
+    assert repetition.repeated_ngram_rate([1, 2, 3, 1, 2, 3]) == 1 / 4  # (1,2,3) again; (2,3,1), (3,1,2) new
+    assert repetition.repeated_ngram_rate([1, 2]) == 0.0
+    assert repetition.distinct_n("a b a b") == 2 / 3

@@ -79,6 +79,46 @@ def test_seed_reproduces_sampling(client: TestClient) -> None:
     assert replay["generated_text"] == unseeded["generated_text"]
 
 
+def test_n_with_a_seed_gives_the_same_choices_twice(client: TestClient) -> None:
+    body = {"prompt": "a bird", "max_new_tokens": 8, "temperature": 1.0, "n": 3, "seed": 21}
+    first = client.post("/v1/generate", json=body)
+    assert first.status_code == 200
+    data = first.json()
+    assert set(data) == {"id", "model", "choices", "usage"}
+    assert [c["index"] for c in data["choices"]] == [0, 1, 2]
+    assert [c["seed"] for c in data["choices"]] == [21, 22, 23]
+    assert client.post("/v1/generate", json=body).json()["choices"] == data["choices"]
+    assert len({c["generated_text"] for c in data["choices"]}) > 1
+    # sequence i is what a request for one sequence with seed + i says
+    one = client.post("/v1/generate", json={**body, "n": 1, "seed": 22}).json()
+    assert one["generated_text"] == data["choices"][1]["generated_text"]
+    prompt_tokens = one["usage"]["prompt_tokens"]
+    completion = sum(len(c["tokens"]) for c in data["choices"])
+    assert data["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                             "total_tokens": prompt_tokens + completion}  # fmt: skip
+    events = sse_events(client, {**body, "stream": True})
+    assert all("choice" in e for e in events)
+    finals = {e["choice"]: e for e in events if e["finish_reason"] is not None}
+    assert sorted(finals) == [0, 1, 2]
+    for c in data["choices"]:
+        assert "".join(e["text"] for e in events if e["choice"] == c["index"]) == c["generated_text"]
+        assert finals[c["index"]]["seed"] == c["seed"]
+    assert "choice" not in sse_events(client, {**body, "n": 1, "stream": True})[0]  # n=1 events keep their shape
+
+
+def test_penalties_and_no_repeat_ngram_are_accepted(client: TestClient) -> None:
+    body = {"prompt": "the dog sees the dog", "max_new_tokens": 12, "return_masks": True}
+    plain = client.post("/v1/generate", json=body).json()
+    masked = client.post("/v1/generate", json={**body, "no_repeat_ngram_size": 2}).json()
+    assert masked["masks"]["output"]["kinds"] == ["no_repeat_ngram"]
+    assert len(masked["masks"]["output"]["steps"]) == len(masked["tokens"])
+    ids = [t["id"] for t in masked["tokens"]]
+    assert len(set(zip(ids, ids[1:], strict=False))) == len(ids) - 1  # no bigram of the output twice
+    penalized = client.post("/v1/generate", json={**body, "frequency_penalty": 2.0, "presence_penalty": 2.0})
+    assert penalized.status_code == 200
+    assert plain["masks"]["output"]["kinds"] == []
+
+
 def test_stream_events_add_up_to_the_result(client: TestClient) -> None:
     body = {"prompt": "the teacher", "max_new_tokens": 6, "temperature": 1.0, "seed": 3}
     whole = client.post("/v1/generate", json=body).json()
@@ -146,6 +186,10 @@ def test_stop_sequence_and_min_tokens(client: TestClient) -> None:
         ({"prompt": "a", "choice": ["dog", "hotdog"], "bad_words": ["dog"]}, 400, "choice"),
         ({"prompt": "a", "choice": ["a"], "regex": "a"}, 400, "regex"),
         ({"prompt": "a", "stop": ["x"] * 9}, 422, "stop"),
+        ({"prompt": "a", "n": 0}, 422, "n"),
+        ({"prompt": "a", "n": 9}, 400, "n"),  # MASKSERVE_MAX_N is 8
+        ({"prompt": "a", "frequency_penalty": 2.5}, 422, "frequency_penalty"),
+        ({"prompt": "a", "no_repeat_ngram_size": -1}, 422, "no_repeat_ngram_size"),
     ],
 )
 def test_invalid_requests_name_the_param(client: TestClient, body: dict[str, object], status: int, param: str) -> None:

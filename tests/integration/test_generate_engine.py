@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -15,6 +16,7 @@ from service.engine.loading import LoadedModel
 from service.engine.params import FinishReason, SamplingParams
 from service.engine.vocab import ModelVocab
 from service.masks.constraints import AttentionConstraints, TokenSpan
+from service.masks.kinds import MaskKind
 from service.masks.output import OutputMaskSpec
 
 PROMPTS = [
@@ -267,3 +269,94 @@ def test_emphasis_on_chosen_layers_and_heads(tiny_llama: LoadedModel, vocab: Mod
     assert seqs[3].generated == one_head.generated
     assert logprobs(seqs[1]) == pytest.approx(logprobs(one_layer), abs=1e-5)
     assert logprobs(seqs[3]) == pytest.approx(logprobs(one_head), abs=1e-5)
+
+
+def ngram_counts(ids: Sequence[int], n: int) -> Counter[tuple[int, ...]]:
+    return Counter(tuple(ids[i : i + n]) for i in range(len(ids) - n + 1))
+
+
+def test_no_repeat_ngram_alone_and_in_a_batch_with_other_rows(
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch
+) -> None:
+    """The tiny model repeats itself freely; with no_repeat_ngram_size=k no k-gram of prompt + output repeats,
+    whether the row runs alone or beside rows with another k or none, and the step records what was removed."""
+    sizes = [2, 3, 0, 1, 4]
+
+    def mk(i: int) -> RunningRequest:
+        spec = OutputMaskSpec(no_repeat_ngram_size=sizes[i]) if sizes[i] else None
+        seq = make(tiny_llama, vocab, PROMPTS[i], n=24, spec=spec)
+        seq.mask_steps = []
+        return seq
+
+    free = make(tiny_llama, vocab, PROMPTS[0], n=24)
+    alone(batch, free)
+    assert max(ngram_counts(free.job.prompt_ids + free.generated, 2).values()) > 1  # it does repeat unmasked
+    solo = [alone(batch, mk(i)) for i in range(len(sizes))]
+    seqs = [mk(i) for i in range(len(sizes))]
+    drive(batch, {0: seqs[:2], 1: [seqs[2]], 3: seqs[3:]})
+    assert [s.generated for s in seqs] == solo
+    for seq, k in zip(seqs, sizes, strict=True):
+        if not k:
+            continue
+        counts = ngram_counts(seq.job.prompt_ids + seq.generated, k)
+        prompt_counts = ngram_counts(seq.job.prompt_ids, k)
+        # any k-gram seen twice was already twice in the prompt (the mask prevents only new repeats)
+        assert all(c == 1 or prompt_counts[g] == c for g, c in counts.items()), (k, seq.generated)
+    masked = seqs[0].mask_steps
+    assert masked is not None
+    assert any(step.removed_mass > 0 for step in masked)  # inspection sees the tokens it removed
+    assert seqs[0].job.compiled_output is not None
+    assert seqs[0].job.compiled_output.kinds == (MaskKind.NO_REPEAT_NGRAM,)
+
+
+@torch.inference_mode()
+def test_frequency_and_presence_penalties_match_a_reference_loop(
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch
+) -> None:
+    """Greedy under the penalties equals a plain loop (a full forward each step, the formula on the last logits,
+    argmax), for rows with different penalties in one batch; and they change what the tiny model says."""
+    model = tiny_llama.generation_model
+    assert model is not None
+    settings = [(0.0, 0.0), (1.5, 0.0), (0.0, 2.0), (0.7, 0.7)]
+
+    def reference(prompt: list[int], frequency: float, presence: float, n: int) -> list[int]:
+        out: list[int] = []
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([prompt + out])).logits[0, -1].float()  # (V,)
+            for tid in set(out):
+                logits[tid] -= out.count(tid) * frequency + presence
+            out.append(int(logits.argmax()))
+        return out
+
+    seqs = [make(tiny_llama, vocab, PROMPTS[0], n=16, frequency_penalty=f, presence_penalty=p) for f, p in settings]
+    drive(batch, {0: seqs[:2], 2: seqs[2:]})
+    for seq, (f, p) in zip(seqs, settings, strict=True):
+        assert seq.generated == reference(seq.job.prompt_ids, f, p, len(seq.generated)), (f, p)
+    assert len({tuple(s.generated) for s in seqs}) > 1
+
+
+def test_n_sequences_share_one_prefill_and_each_follow_their_own_seed(
+    tiny_llama: LoadedModel, vocab: ModelVocab, batch: DecodeBatch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n rows of one job: one prefill row (its KV copied to the n rows), sequence i equal to the same request
+    run alone with seed + i, beside a row of another request."""
+    job = spec_job(tiny_llama, vocab, PROMPTS[0], 10, temperature=1.0, seed=40)
+    group = object()
+    siblings = [RunningRequest(job, torch.device("cpu"), index=i, group=group) for i in range(3)]
+    other = make(tiny_llama, vocab, PROMPTS[2], n=6)
+    widths: list[int] = []
+    original = DecodeBatch._forward
+
+    def counting(self: DecodeBatch, ids: torch.Tensor, *args: object) -> torch.Tensor:
+        widths.append(ids.shape[0])
+        return original(self, ids, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(DecodeBatch, "_forward", counting)
+    drive(batch, {0: [*siblings, other]})
+    assert widths[0] == 2  # the prefill: one row for the three siblings, one for the other request
+    assert widths[1] == 4  # then four rows decode
+    assert [s.seed for s in siblings] == [40, 41, 42]
+    for i, s in enumerate(siblings):
+        again = make(tiny_llama, vocab, PROMPTS[0], n=10, temperature=1.0, seed=40 + i)
+        assert alone(batch, again) == s.generated
+    assert len({tuple(s.generated) for s in siblings}) > 1

@@ -168,12 +168,57 @@ def test_openai_extra_body_masks(client: openai.OpenAI, tiny_llama: LoadedModel)
     assert "a" not in completion.choices[0].text
 
 
+def test_openai_penalties_and_no_repeat_ngram(client: openai.OpenAI, tiny_llama: LoadedModel) -> None:
+    kw: dict[str, Any] = {"model": tiny_llama.name, "prompt": "the dog sees the dog", "max_tokens": 12,
+                          "temperature": 0}  # fmt: skip
+    plain = client.completions.create(**kw)
+    for extra in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"frequency_penalty": -0.5,
+                  "presence_penalty": 0.5}):  # fmt: skip
+        r = client.completions.create(**kw, **extra)
+        assert r.choices[0].finish_reason in {"length", "stop"}
+        assert r.usage is not None
+    chat = client.chat.completions.create(
+        model=tiny_llama.name, messages=[{"role": "user", "content": "the cat"}], max_completion_tokens=8,
+        frequency_penalty=1.0, presence_penalty=1.0, extra_body={"no_repeat_ngram_size": 2},
+    )  # fmt: skip
+    assert chat.choices[0].message.content is not None
+    assert plain.choices[0].text
+
+
+def test_openai_n_plain_and_streamed(client: openai.OpenAI, tiny_llama: LoadedModel) -> None:
+    kw: dict[str, Any] = {"model": tiny_llama.name, "messages": [{"role": "user", "content": "the cat"}],
+                          "max_completion_tokens": 6, "seed": 9, "n": 2, "temperature": 1.0}  # fmt: skip
+    whole = client.chat.completions.create(**kw)
+    assert [c.index for c in whole.choices] == [0, 1]
+    assert whole.usage is not None
+    assert whole.usage.completion_tokens == 12
+    again = client.chat.completions.create(**kw)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in whole.choices]
+    parts: dict[int, list[str]] = {0: [], 1: []}
+    finish: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for choice in chunk.choices:
+            parts[choice.index].append(choice.delta.content or "")
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    assert {i: "".join(p) for i, p in parts.items()} == {c.index: c.message.content for c in whole.choices}
+    assert finish == {0: "length", 1: "length"}
+    completions = client.completions.create(model=tiny_llama.name, prompt="the", max_tokens=5, n=2, seed=3)
+    assert [c.index for c in completions.choices] == [0, 1]
+    streamed: dict[int, str] = {0: "", 1: ""}
+    for chunk in client.completions.create(model=tiny_llama.name, prompt="the", max_tokens=5, n=2, seed=3,
+                                           stream=True):  # fmt: skip
+        for c in chunk.choices:
+            streamed[c.index] += c.text
+    assert streamed == {c.index: c.text for c in completions.choices}
+
+
 @pytest.mark.parametrize(
     ("kw", "status", "param"),
     [
-        ({"n": 2}, 400, "n"),
+        ({"n": 9}, 400, "n"),  # MASKSERVE_MAX_N is 8
         ({"model": "gpt-4"}, 404, "model"),
-        ({"presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"presence_penalty": 2.5}, 422, "presence_penalty"),
         ({"extra_body": {"regex": "("}}, 400, "regex"),
         ({"extra_body": {"bad_word": ["x"]}}, 422, "bad_word"),
         ({"max_completion_tokens": 5000}, 400, "max_completion_tokens"),

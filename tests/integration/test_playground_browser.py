@@ -92,6 +92,12 @@ def test_playground_draws_the_attention_mask(
                let k = 0; for (let i = 0; i < d.length; i += 4) if (d[i] < 60) k++; return k; }"""
         )
         assert dark > 0
+        # the server's pictures: the attention mask PNG, and the output masks per decode step after a generation
+        page.wait_for_function("document.getElementById('mask-png').naturalWidth > 0", timeout=30000)
+        page.wait_for_function(
+            "!document.getElementById('output-png').hidden && document.getElementById('output-png').naturalWidth > 0",
+            timeout=30000,
+        )
         # the dry run (POST /v1/masks) draws the same mask without decoding
         page.click("#dry-run")
         page.wait_for_function("document.getElementById('result').textContent.includes('dry run')", timeout=30000)

@@ -8,7 +8,8 @@ import torch
 from service.masks.bad_words import BadWords
 from service.masks.errors import MaskError
 from service.masks.grammar import choice_grammar
-from service.masks.output import OutputMaskSpec, apply_output_masks, compile_output_mask, mask_effect
+from service.masks.kinds import MaskKind
+from service.masks.output import NgramTable, OutputMaskSpec, apply_output_masks, compile_output_mask, mask_effect
 from service.masks.vocabulary import Vocabulary
 
 INF = float("-inf")
@@ -162,3 +163,36 @@ def test_mask_effect_reports_removed_mass() -> None:
     assert effect.removed_mass == pytest.approx(0.65)
     assert [i for i, _ in effect.removed_top] == [0, 2]
     assert [p for _, p in effect.removed_top] == pytest.approx([0.5, 0.15])
+
+
+def test_no_repeat_ngram_bans_what_would_complete_a_seen_ngram() -> None:
+    """transformers' semantics: prompt + output; the last n-1 tokens, and every token that followed them."""
+    mask = compiled(no_repeat_ngram_size=2)
+    state = mask.new_state([1, 2, 1, 3])  # type: ignore[attr-defined]  # bigrams 1-2, 2-1, 1-3
+    logits = torch.zeros(1, len(TOKENS))
+    apply_output_masks(logits, [state])
+    assert logits[0].isinf().nonzero().flatten().tolist() == []  # after 3 nothing was seen
+    state.advance(1, b"d")  # ... 3 1: after 1 came 2 and 3
+    logits = torch.zeros(1, len(TOKENS))
+    apply_output_masks(logits, [state])
+    assert logits[0].isinf().nonzero().flatten().tolist() == [2, 3]
+    assert mask.kinds == (MaskKind.NO_REPEAT_NGRAM,)  # type: ignore[attr-defined]
+
+
+def test_no_repeat_ngram_rows_with_different_n_in_one_batch() -> None:
+    tokens = [4, 5, 4, 5, 4]
+    tri = compiled(no_repeat_ngram_size=3).new_state(tokens)  # type: ignore[attr-defined]  # 5 4 -> 5 was seen
+    uni = compiled(no_repeat_ngram_size=1).new_state(tokens)  # type: ignore[attr-defined]  # every seen token
+    big = compiled(no_repeat_ngram_size=6).new_state(tokens)  # type: ignore[attr-defined]  # too short to ban
+    logits = torch.zeros(4, len(TOKENS))
+    assert apply_output_masks(logits, [tri, uni, None, big]) == []
+    banned = [row.isinf().nonzero().flatten().tolist() for row in logits]
+    assert banned == [[5], [4, 5], [], []]
+    assert NgramTable(3, [7, 8, 7, 8]).followers == {(7, 8): {7}, (8, 7): {8}}
+
+
+def test_no_repeat_ngram_can_leave_a_dead_row() -> None:
+    state = compiled(allowed_token_ids=(1,), no_repeat_ngram_size=2).new_state([1, 1])  # type: ignore[attr-defined]
+    logits = torch.zeros(1, len(TOKENS))
+    logits[0, 0] = INF  # end-of-sequence is out too
+    assert apply_output_masks(logits, [state]) == [0]

@@ -14,6 +14,7 @@ from service.engine.params import MAX_TOP_LOGPROBS, FinishReason
 
 MAX_WORDS = 256  # entries in bad_words / allowed_words / choice
 MAX_STOP = 8
+MAX_NGRAM = 64  # no_repeat_ngram_size
 Word = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -42,6 +43,14 @@ class OutputMaskFields(BaseModel):
     )
     regex: str | None = Field(None, max_length=4096, description="The output matches this regular expression.")
     json_schema: dict[str, Any] | None = Field(None, description="The output is JSON valid under this JSON Schema.")
+    no_repeat_ngram_size: int = Field(
+        0,
+        ge=0,
+        le=MAX_NGRAM,
+        description="No n-gram of this size appears twice in prompt + output: a token that would complete one "
+        "already there is masked (transformers' no_repeat_ngram_size; 0 = off).",
+        examples=[3],
+    )
 
 
 class SamplingFields(OutputMaskFields):
@@ -50,7 +59,21 @@ class SamplingFields(OutputMaskFields):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: smallest set with this much mass.")
     top_k: int = Field(0, ge=0, description="Sample among the k most probable tokens (0 = all).")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
+    frequency_penalty: float = Field(
+        0.0,
+        ge=-2.0,
+        le=2.0,
+        description="OpenAI's: subtracted from a token's logit once per time it was generated so far.",
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from the logit of every token generated so far."
+    )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Same seed, same request -> same output.")
+    n: int = Field(
+        1,
+        ge=1,
+        description="Sequences of the prompt (at most MASKSERVE_MAX_N); sequence i samples with seed + i.",
+    )
     logit_bias: dict[str, float] | None = Field(
         None, description="Token id -> value in [-100, 100] added to its logit.", examples=[{"28": -100}]
     )
@@ -128,6 +151,26 @@ class GenerateResponse(BaseModel):
     masks: dict[str, Any] | None = Field(None, description="With return_masks: every applied mask.")
 
 
+class GenerateChoice(BaseModel):
+    """One of the n sequences of a request with ``n`` > 1."""
+
+    index: int
+    generated_text: str
+    finish_reason: FinishReason
+    tokens: list[TokenDetail]
+    seed: int = Field(description="This sequence's seed: the request's seed + index.")
+
+
+class GenerateChoicesResponse(BaseModel):
+    """The answer to a request with ``n`` > 1 (with n = 1 the answer is a ``GenerateResponse``)."""
+
+    id: str
+    model: str
+    choices: list[GenerateChoice]
+    usage: Usage = Field(description="The prompt counted once; completion tokens of every sequence.")
+    masks: dict[str, Any] | None = Field(None, description="With return_masks: every applied mask (sequence 0's).")
+
+
 class GenerateStreamEvent(BaseModel):
     """One server-sent event. Token events carry ``token``; the last event carries ``generated_text``,
     ``finish_reason`` and ``usage`` (and ``token`` null). Joining every event's ``text`` gives the output."""
@@ -140,3 +183,4 @@ class GenerateStreamEvent(BaseModel):
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     seed: int | None = None
+    choice: int | None = Field(None, description="With n > 1 only: which sequence (0..n-1) the event is of.")

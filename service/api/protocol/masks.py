@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 Format = Literal["json", "png"]
-Picture = Literal["mask", "weights"]
+Picture = Literal["mask", "weights", "output"]
 
 
 class MasksRequest(BaseModel):

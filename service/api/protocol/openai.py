@@ -2,8 +2,9 @@
 
 The official ``openai`` client works against them. Beyond OpenAI's fields, the output masks of
 ``/v1/generate`` (``bad_words``, ``allowed_words``, ``allowed_token_ids``, ``min_tokens``, ``choice``,
-``regex``, ``json_schema``) and ``top_k`` / ``repetition_penalty`` are accepted as extra body fields
-(``extra_body=`` in the client). Fields OpenAI has and this server cannot honour are refused with a 400 naming
+``regex``, ``json_schema``, ``no_repeat_ngram_size``) and ``top_k`` / ``repetition_penalty`` are accepted as
+extra body fields (``extra_body=`` in the client); ``n``, ``frequency_penalty`` and ``presence_penalty`` are
+OpenAI's own. Fields OpenAI has and this server cannot honour are refused with a 400 naming
 them, never silently ignored; unknown fields are a 422.
 """
 
@@ -30,11 +31,8 @@ class OpenAIFields(SamplingFields):
 
     model: str = Field(description="The served model's id (GET /v1/models).")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    n: int = Field(1, ge=1, description="Only 1 is supported.")
     stream_options: StreamOptions | None = None
     stop: Word | list[Word] | None = Field(None)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Not supported (only 0).")
     user: str | None = Field(None, description="Accepted and ignored.")
     # Sent by OpenAI clients; they change nothing here (no stored completions, one service tier, no tools).
     metadata: dict[str, str] | None = Field(None, description="Accepted and ignored (nothing is stored).")

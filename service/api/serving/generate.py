@@ -14,6 +14,8 @@ from typing import Any
 
 from service.api.protocol.attention import AttentionSpec
 from service.api.protocol.generate import (
+    GenerateChoice,
+    GenerateChoicesResponse,
     GenerateRequest,
     GenerateResponse,
     GenerateStreamEvent,
@@ -118,6 +120,7 @@ def output_mask_spec(
         regex=fields.regex,
         json_schema=json.dumps(schema) if schema is not None else None,
         json_object=json_object,
+        no_repeat_ngram_size=fields.no_repeat_ngram_size,
         param_names=param_names,
     )
 
@@ -143,6 +146,14 @@ def generation_job(
             "(MASKSERVE_MAX_NEW_TOKENS)",
             param=max_param,
         )
+    if req.n > settings.max_n:
+        raise InvalidRequest(f"n is {req.n}; this server allows at most {settings.max_n} (MASKSERVE_MAX_N)", param="n")
+    if req.n > settings.max_running_requests:
+        raise InvalidRequest(
+            f"n is {req.n}, more sequences than can run at once ({settings.max_running_requests}, "
+            "MASKSERVE_MAX_RUNNING_REQUESTS)",
+            param="n",
+        )
     if spec.min_tokens > max_new:
         raise InvalidRequest(f"min_tokens ({spec.min_tokens}) exceeds {max_param} ({max_new})", param="min_tokens")
     params = SamplingParams(
@@ -151,9 +162,12 @@ def generation_job(
         top_p=req.top_p,
         top_k=req.top_k,
         repetition_penalty=req.repetition_penalty,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
         seed=req.seed,
         stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
         top_logprobs=top_logprobs,
+        n=req.n,
     )
     ids, constraints = (encoded.ids, encoded.constraints) if isinstance(encoded, EncodedPrompt) else (encoded, None)
     return GenerationJob(ids, params, spec, constraints or AttentionConstraints(), stream=req.stream)
@@ -186,9 +200,11 @@ def generate_job(
 # --- results -> responses -------------------------------------------------------------------------------------
 
 
-def usage(r: GenerationResult) -> Usage:
-    total = r.prompt_tokens + r.completion_tokens
-    return Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens, total_tokens=total)
+def usage(*results: GenerationResult) -> Usage:
+    """Token counts of one request: its prompt once (prefilled once for all n), every sequence's tokens."""
+    prompt = results[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 def token_detail(t: TokenInfo, with_top: bool) -> TokenDetail:
@@ -208,12 +224,30 @@ def generate_response(r: GenerationResult, model: str, with_top: bool) -> Genera
     )
 
 
+def generate_choices_response(results: list[GenerationResult], model: str, with_top: bool) -> GenerateChoicesResponse:
+    """The answer to a request with n > 1: one choice per sequence, by index."""
+    choices = [
+        GenerateChoice(index=r.index, generated_text=r.text, finish_reason=r.finish_reason,
+                       tokens=[token_detail(t, with_top) for t in r.tokens], seed=r.seed)
+        for r in results
+    ]  # fmt: skip
+    return GenerateChoicesResponse(id=results[0].request_id, model=model, choices=choices, usage=usage(*results))
+
+
+def stream_event(event: GenerateStreamEvent, n: int) -> dict[str, Any]:
+    """An event as sent: ``choice`` only when the request asked for n > 1 (n = 1 events keep their shape)."""
+    return event.model_dump(mode="json", exclude={"choice"} if n == 1 else None)
+
+
 def token_event(request_id: str, e: TokenEvent, with_top: bool) -> GenerateStreamEvent:
-    return GenerateStreamEvent(id=request_id, index=e.index, token=token_detail(e.token, with_top), text=e.text)
+    return GenerateStreamEvent(
+        id=request_id, index=e.index, token=token_detail(e.token, with_top), text=e.text, choice=e.choice
+    )
 
 
 def result_event(r: GenerationResult) -> GenerateStreamEvent:
     return GenerateStreamEvent(
+        choice=r.index,
         id=r.request_id,
         index=r.completion_tokens,
         token=None,

@@ -46,21 +46,16 @@ OPENAI_FINISH = {
 def _check_common(req: OpenAIFields, served: str) -> None:
     if req.model != served:
         raise ModelNotFound(f"the model {req.model!r} does not exist here; this server serves {served!r}")
-    if req.n != 1:
-        raise InvalidRequest("only n=1 is supported; send several requests instead", param="n")
     if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
         raise InvalidRequest(f"at most {MAX_STOP} stop sequences", param="stop")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise InvalidRequest(f"{name} is not supported (use repetition_penalty)", param=name)
 
 
 def completion_job(body: CompletionRequest, gen: GenerationScheduler, settings: Settings, served: str) -> GenerationJob:
     _check_common(body, served)
     if body.echo:
         raise InvalidRequest("echo is not supported", param="echo")
-    if body.best_of not in (None, 1):
-        raise InvalidRequest("only best_of=1 is supported", param="best_of")
+    if body.best_of not in (None, 1, body.n):
+        raise InvalidRequest("only best_of=1 (or equal to n) is supported", param="best_of")
     if body.suffix:
         raise InvalidRequest("suffix (insertion) is not supported", param="suffix")
     prompt = body.prompt
@@ -156,41 +151,56 @@ def chat_logprobs(tokens: list[TokenInfo], with_logprobs: bool) -> ChatLogprobs 
     )
 
 
-def completion_response(r: GenerationResult, model: str, with_lp: bool) -> CompletionResponse:
-    choice = CompletionChoice(
-        text=r.text, logprobs=completion_logprobs(list(r.tokens), with_lp), finish_reason=OPENAI_FINISH[r.finish_reason]
-    )
-    return CompletionResponse(id=f"cmpl-{r.request_id}", model=model, choices=[choice], usage=usage(r))
+def completion_response(results: list[GenerationResult], model: str, with_lp: bool) -> CompletionResponse:
+    """One choice per sequence (``index`` 0..n-1)."""
+    choices = [
+        CompletionChoice(index=r.index, text=r.text, logprobs=completion_logprobs(list(r.tokens), with_lp),
+                         finish_reason=OPENAI_FINISH[r.finish_reason])
+        for r in results
+    ]  # fmt: skip
+    return CompletionResponse(id=f"cmpl-{results[0].request_id}", model=model, choices=choices, usage=usage(*results))
 
 
-def chat_response(r: GenerationResult, model: str, with_lp: bool) -> ChatCompletionResponse:
-    choice = ChatChoice(
-        message=AssistantMessage(content=r.text),
-        logprobs=chat_logprobs(list(r.tokens), with_lp),
-        finish_reason=OPENAI_FINISH[r.finish_reason],
-    )
-    return ChatCompletionResponse(id=f"chatcmpl-{r.request_id}", model=model, choices=[choice], usage=usage(r))
+def chat_response(results: list[GenerationResult], model: str, with_lp: bool) -> ChatCompletionResponse:
+    """One choice per sequence (``index`` 0..n-1)."""
+    choices = [
+        ChatChoice(
+            index=r.index,
+            message=AssistantMessage(content=r.text),
+            logprobs=chat_logprobs(list(r.tokens), with_lp),
+            finish_reason=OPENAI_FINISH[r.finish_reason],
+        )
+        for r in results
+    ]
+    request_id = results[0].request_id
+    return ChatCompletionResponse(id=f"chatcmpl-{request_id}", model=model, choices=choices, usage=usage(*results))
 
 
 async def completion_chunks(
     handle: GenerationHandle, model: str, with_lp: bool, with_usage: bool
 ) -> AsyncIterator[dict[str, Any] | str]:
-    chunk_id, created, offset = f"cmpl-{handle.request_id}", int(time.time()), 0
+    """Chunks of the n sequences, interleaved, each choice with its ``index``; after the last one's finish,
+    the usage chunk (if asked) and ``[DONE]``."""
+    chunk_id, created = f"cmpl-{handle.request_id}", int(time.time())
+    offsets = [0] * handle.n
+    results: list[GenerationResult] = []
     async for event in handle.events():
         if isinstance(event, GenerationResult):
-            last = CompletionChoice(text=event.rest, finish_reason=OPENAI_FINISH[event.finish_reason])
+            results.append(event)
+            finish = OPENAI_FINISH[event.finish_reason]
+            last = CompletionChoice(index=event.index, text=event.rest, finish_reason=finish)
             yield CompletionResponse(id=chunk_id, created=created, model=model, choices=[last]).model_dump()
-            if with_usage:
-                done = CompletionResponse(id=chunk_id, created=created, model=model, choices=[])
-                done.usage = usage(event)
-                yield done.model_dump()
-            yield "[DONE]"
-            return
-        logprobs = completion_logprobs([event.token], with_lp, offset)
+            continue
+        logprobs = completion_logprobs([event.token], with_lp, offsets[event.choice])
         if event.text or (logprobs is not None and logprobs.tokens):
-            offset += sum(len(t) for t in logprobs.tokens) if logprobs else 0
-            choice = CompletionChoice(text=event.text, logprobs=logprobs)
+            offsets[event.choice] += sum(len(t) for t in logprobs.tokens) if logprobs else 0
+            choice = CompletionChoice(index=event.choice, text=event.text, logprobs=logprobs)
             yield CompletionResponse(id=chunk_id, created=created, model=model, choices=[choice]).model_dump()
+    if with_usage:
+        done = CompletionResponse(id=chunk_id, created=created, model=model, choices=[])
+        done.usage = usage(*results)
+        yield done.model_dump()
+    yield "[DONE]"
 
 
 async def chat_chunks(
@@ -201,15 +211,18 @@ async def chat_chunks(
     def chunk(choices: list[ChatChunkChoice], **kw: Any) -> dict[str, Any]:
         return ChatCompletionChunk(id=chunk_id, created=created, model=model, choices=choices, **kw).model_dump()
 
-    yield chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+    for index in range(handle.n):  # each choice opens with its role
+        yield chunk([ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))])
+    results: list[GenerationResult] = []
     async for event in handle.events():
         if isinstance(event, GenerationResult):
-            yield chunk([ChatChunkChoice(delta=ChatDelta(content=event.rest or None),
+            results.append(event)
+            yield chunk([ChatChunkChoice(index=event.index, delta=ChatDelta(content=event.rest or None),
                                          finish_reason=OPENAI_FINISH[event.finish_reason])])  # fmt: skip
-            if with_usage:
-                yield chunk([], usage=usage(event))
-            yield "[DONE]"
-            return
+            continue
         logprobs = chat_logprobs([event.token], with_lp)
         if event.text or (logprobs is not None and logprobs.content):
-            yield chunk([ChatChunkChoice(delta=ChatDelta(content=event.text), logprobs=logprobs)])
+            yield chunk([ChatChunkChoice(index=event.choice, delta=ChatDelta(content=event.text), logprobs=logprobs)])
+    if with_usage:
+        yield chunk([], usage=usage(*results))
+    yield "[DONE]"
