@@ -172,8 +172,10 @@ def test_openai_penalties_and_no_repeat_ngram(client: openai.OpenAI, tiny_llama:
     kw: dict[str, Any] = {"model": tiny_llama.name, "prompt": "the dog sees the dog", "max_tokens": 12,
                           "temperature": 0}  # fmt: skip
     plain = client.completions.create(**kw)
-    for extra in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"frequency_penalty": -0.5,
-                  "presence_penalty": 0.5}):  # fmt: skip
+    extras: list[dict[str, Any]] = [
+        {"frequency_penalty": 1.5}, {"presence_penalty": 1.5}, {"frequency_penalty": -0.5, "presence_penalty": 0.5}
+    ]  # fmt: skip
+    for extra in extras:
         r = client.completions.create(**kw, **extra)
         assert r.choices[0].finish_reason in {"length", "stop"}
         assert r.usage is not None
