@@ -119,10 +119,11 @@ class Int8Linear(nn.Module):
 
         A decode step, ``(B, 1, K)``, dispatches by its rows B. Every other forward — prefill and fill-mask
         ``(B, T, K)`` with T > 1, the fill-mask head on gathered positions ``(R, K)`` — has many rows by
-        nature and always runs bfloat16: so a request's prefill and fill-mask numerics never depend on how
-        many others share its forward (each kernel alone computes every row independently of the others;
-        tests/integration/test_precision.py), and only decode batches of ``dense_from_rows`` rows or more
-        change kernel.
+        nature and always runs bfloat16, so a request's prefill and fill-mask never change kernel with the
+        number of requests sharing the forward (switching would change every output's rounding: the two
+        kernels round differently). The int8 kernel computes each row alone, bit for bit; bfloat16 GEMM
+        differs between batch sizes only in rare last-bit roundings (tests/integration/test_precision.py).
+        Only decode batches of ``dense_from_rows`` rows or more change kernel.
         """
         if self.dense_from_rows is None:
             return False
@@ -143,7 +144,9 @@ class Int8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)  # (..., O)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, dense_from_rows={self.dense_from_rows}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, dense_from_rows={self.dense_from_rows}"
+        )
 
 
 def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> int:
@@ -152,9 +155,7 @@ def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = (
-        isinstance(head, nn.Linear)
-        and inputs is not None
-        and head.weight.data_ptr() == inputs.weight.data_ptr()  # type: ignore[union-attr]
+        isinstance(head, nn.Linear) and inputs is not None and head.weight.data_ptr() == inputs.weight.data_ptr()  # type: ignore[union-attr]
     )
     count = 0
     for parent in list(model.modules()):
