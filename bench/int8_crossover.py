@@ -18,6 +18,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,8 +33,22 @@ LAYER_SHAPES = [(HIDDEN, HIDDEN), (KV, HIDDEN), (KV, HIDDEN), (HIDDEN, HIDDEN), 
                 (HIDDEN, INTER)]  # fmt: skip  # (out, in)
 
 
-def timed(fn: object, reps: int) -> float:
-    assert callable(fn)
+def run_layer(layer: list[Int8Linear], inputs: list[torch.Tensor], dense: bool) -> None:
+    for mod, inp in zip(layer, inputs, strict=True):
+        if dense:
+            torch.nn.functional.linear(inp, mod.dense)
+        else:
+            torch._weight_int8pack_mm(inp, mod.qweight, mod.scales)
+
+
+def run_head(head: Int8Linear, x: torch.Tensor, dense: bool) -> None:
+    if dense:
+        torch.nn.functional.linear(x, head.dense)
+    else:
+        torch._weight_int8pack_mm(x, head.qweight, head.scales)
+
+
+def timed(fn: Callable[[], None], reps: int) -> float:
     fn()
     started = time.perf_counter()
     for _ in range(reps):
@@ -64,22 +80,8 @@ def main() -> None:
             res: dict[str, list[float]] = {"li": [], "ld": [], "hi": [], "hd": []}
             for _ in range(args.rounds):
                 for dense, lk, hk in ((False, "li", "hi"), (True, "ld", "hd")):
-
-                    def run_layer(dense: bool = dense) -> None:
-                        for mod, inp in zip(layer, inputs, strict=True):
-                            if dense:
-                                torch.nn.functional.linear(inp, mod.dense)
-                            else:
-                                torch._weight_int8pack_mm(inp, mod.qweight, mod.scales)
-
-                    def run_head(dense: bool = dense) -> None:
-                        if dense:
-                            torch.nn.functional.linear(x, head.dense)
-                        else:
-                            torch._weight_int8pack_mm(x, head.qweight, head.scales)
-
-                    res[lk].append(timed(run_layer, reps) * LAYERS * 1e3)
-                    res[hk].append(timed(run_head, reps) * 1e3)
+                    res[lk].append(timed(partial(run_layer, layer, inputs, dense), reps) * LAYERS * 1e3)
+                    res[hk].append(timed(partial(run_head, head, x, dense), reps) * 1e3)
             m = {k: statistics.median(v) for k, v in res.items()}
             total_i, total_d = m["li"] + m["hi"], m["ld"] + m["hd"]
             if crossover is None and total_d < total_i:

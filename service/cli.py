@@ -93,6 +93,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "adapter_objective": m.adapter_objective.value if m.adapter_objective else None,
         "device": str(m.device),
         "dtype": str(m.dtype).removeprefix("torch."),
+        "precision": m.precision.value,
         "mask_token": m.mask_token,
         "max_length": m.max_length,
         "vocab_size": m.vocab_size,

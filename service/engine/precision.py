@@ -32,6 +32,7 @@ before log-softmax, sampling and output masks (service/engine/generate.py, servi
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -150,13 +151,9 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> int:
-    """Replace every ``nn.Linear`` of a bfloat16 ``model`` by an :class:`Int8Linear`, the (tied) output
-    embeddings included; returns how many were replaced. In place."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = (
-        isinstance(head, nn.Linear) and inputs is not None and head.weight.data_ptr() == inputs.weight.data_ptr()  # type: ignore[union-attr]
-    )
+    """Replace every ``nn.Linear`` of ``model`` by an :class:`Int8Linear`, the (tied) output embeddings
+    included; returns how many were replaced. In place."""
+    get_head = getattr(model, "get_output_embeddings", None)
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -166,11 +163,11 @@ def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_
             elif isinstance(child, nn.Linear):
                 log.warning("%s (in_features %d) stays in bfloat16: the int8 kernel needs a multiple of %d",
                             name, child.in_features, INT8_K_MULTIPLE)  # fmt: skip
-                tied = tied and child is not head
-    if tied and hasattr(model, "config"):
-        # The head is its own int8 module now: transformers must never re-tie it (``tie_weights``) to the
-        # bfloat16 embedding table, which stays for the lookup.
-        model.config.tie_word_embeddings = False
+    config: Any = getattr(model, "config", None)
+    if callable(get_head) and isinstance(get_head(), Int8Linear) and getattr(config, "tie_word_embeddings", False):
+        # The head is its own int8 module now (the tie is broken): transformers must never re-tie it
+        # (``tie_weights``) to the bfloat16 embedding table, which stays for the lookup.
+        config.tie_word_embeddings = False
     return count
 
 
