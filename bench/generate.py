@@ -203,8 +203,19 @@ def llama_cpp_available() -> bool:
 
 def llama_cpp_worker(questions: list[str], n: int, threads: int) -> None:
     """In a subprocess: load the GGUF, one warm-up, then the questions one at a time; prints tokens/s as JSON."""
+    import llama_cpp.llama as llama_module
     from llama_cpp import Llama
 
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def no_extra_buffers() -> Any:
+        # ggml's AMX extra buffer type (repacked weights) segfaults in ggml_backend_amx_mul_mat on this
+        # machine (the CPU reports AMX); llama.cpp's --no-extra-bufts, which llama-cpp-python does not expose.
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = no_extra_buffers
     llm = Llama(model_path=str(bundled_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
                 verbose=False)  # fmt: skip
     eos = {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True),
