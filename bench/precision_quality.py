@@ -12,7 +12,8 @@ Prints one table:
 - greedy generation through the engine (service/engine/generate.py), 32 tokens each: prompts whose whole
   continuation is identical, and tokens equal before the first divergence;
 - fill-mask top-1/top-5 on service/data/cloze.tsv with the shipped MNTP adapter, through the training
-  evaluator (service/training/eval.py), plain and whole-word (goal: top-5 within 1 point of float32);
+  evaluator (service/training/eval.py), plain (``--whole-word`` adds whole-word mode, a beam search of
+  up to 4 sub-tokens: ~20 s an item on a loaded machine) (goal: top-5 within 1 point of float32);
 - structured outputs through the engine's output masks: a JSON schema and a regex on 16 prompts each,
   greedy; the share of outputs that parse and validate (goal: 100%).
 """
@@ -164,6 +165,7 @@ def main() -> None:
     parser.add_argument("--precision", default="int8", choices=["int8", "bfloat16", "float16"])
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--whole-word", action="store_true", help="also the whole-word cloze mode (slow)")
     args = parser.parse_args()
     started = time.perf_counter()
     n_prompts, limit = (8, 40) if args.quick else (32, None)
@@ -172,30 +174,32 @@ def main() -> None:
     ref = load_model(load_settings(adapter="none", precision="float32"))
     fast = load_model(load_settings(adapter="none", precision=args.precision))
     prompts = [chat_ids(ref, q) for q in QUESTIONS[:n_prompts]]
-    kl = next_token_kl(ref, fast, prompts, args.tokens)
-    greedy = greedy_agreement(ref, fast, prompts, args.tokens)
-    struct = {p: structured(m, STRUCTURED_PROMPTS) for p, m in (("float32", ref), (args.precision, fast))}
-    del ref, fast
-    fills = {p: cloze(p, limit) for p in ("float32", args.precision)}
-
+    # Each line is printed as soon as it is measured (a long run on a shared machine keeps what it has).
     print()
     print(f"| measure | float32 | {args.precision} | goal |")
-    print("|---|--:|--:|---|")
+    print("|---|--:|--:|---|", flush=True)
+    kl = next_token_kl(ref, fast, prompts, args.tokens)
     print(f"| KL(float32 ‖ {args.precision}) per next token, mean / max (nats) | 0 | {kl['kl_mean']:.4f} / "
           f"{kl['kl_max']:.3f} | small |")  # fmt: skip
     print(f"| same greedy next token (teacher-forced, {len(prompts)}×{args.tokens} positions) | 100% | "
-          f"{kl['top1_agree']:.1%} | |")  # fmt: skip
+          f"{kl['top1_agree']:.1%} | |", flush=True)  # fmt: skip
+    greedy = greedy_agreement(ref, fast, prompts, args.tokens)
     print(f"| greedy continuations identical ({len(prompts)} prompts, {args.tokens} tokens) | 100% | "
           f"{greedy['identical']:.1%} | |")  # fmt: skip
-    print(f"| greedy tokens before the first divergence | 100% | {greedy['prefix']:.1%} | |")
-    for key in ("plain_top1", "plain_top5", "whole_word_top1", "whole_word_top5"):
+    print(f"| greedy tokens before the first divergence | 100% | {greedy['prefix']:.1%} | |", flush=True)
+    struct = {p: structured(m, STRUCTURED_PROMPTS) for p, m in (("float32", ref), (args.precision, fast))}
+    for key, label in (("json", "JSON schema"), ("regex", "regex (a date)")):
+        print(f"| structured output valid, {label} | {struct['float32'][key]:.0%} | "
+              f"{struct[args.precision][key]:.0%} | 100% |", flush=True)  # fmt: skip
+    del ref, fast
+    modes = [EvalMode.PLAIN, EvalMode.WHOLE_WORD] if args.whole_word else [EvalMode.PLAIN]
+    fills = {p: cloze(p, limit, modes) for p in ("float32", args.precision)}
+    for key in fills["float32"]:
         f32, fast_v = fills["float32"][key], fills[args.precision][key]
         goal = "within 1 point" if key.endswith("top5") else ""
         mark = " ✓" if key.endswith("top5") and abs(f32 - fast_v) <= 0.01 else ""
-        print(f"| fill-mask cloze {key.replace('_', ' ')} | {f32:.1%} | {fast_v:.1%}{mark} | {goal} |")
-    for key, label in (("json", "JSON schema"), ("regex", "regex (a date)")):
-        print(f"| structured output valid, {label} | {struct['float32'][key]:.0%} | "
-              f"{struct[args.precision][key]:.0%} | 100% |")  # fmt: skip
+        print(f"| fill-mask cloze ({len(read_cloze(CLOZE)[:limit])} items) {key.replace('_', ' ')} | {f32:.1%} | "
+              f"{fast_v:.1%}{mark} | {goal} |")  # fmt: skip
     print(f"\n{time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -144,6 +144,8 @@ def test_auto_is_int8_on_cpu_and_bfloat16_on_cuda() -> None:
 
 
 def test_dtype_is_a_deprecated_alias(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MASKSERVE_PRECISION", raising=False)
+    monkeypatch.delenv("MASKSERVE_DTYPE", raising=False)
     assert load_settings(adapter="none").precision is Precision.AUTO
     monkeypatch.setenv("MASKSERVE_DTYPE", "bfloat16")
     assert load_settings(adapter="none").precision is Precision.BFLOAT16
