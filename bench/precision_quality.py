@@ -151,13 +151,23 @@ def structured(loaded: LoadedModel, prompts: list[str]) -> dict[str, float]:
     return {"json": valid_json / half, "regex": valid_re / (len(prompts) - half)}
 
 
-def cloze(precision: str, limit: int | None) -> dict[str, float]:
+def cloze(precision: str, limit: int | None, modes: list[EvalMode]) -> dict[str, float]:
     loaded = load_model(load_settings(adapter="shipped", precision=precision))
     items = read_cloze(CLOZE)[:limit]
-    result = evaluate(scorer_for(loaded), items, [EvalMode.PLAIN, EvalMode.WHOLE_WORD])
-    return {
-        f"{m.value}_{k}": result[m.value][k] for m in (EvalMode.PLAIN, EvalMode.WHOLE_WORD) for k in ("top1", "top5")
-    }
+    result = evaluate(scorer_for(loaded), items, modes)
+    return {f"{m.value}_{k}": result[m.value][k] for m in modes for k in ("top1", "top5")}
+
+
+def print_cloze(args: argparse.Namespace, limit: int | None) -> None:
+    modes = [EvalMode.PLAIN, EvalMode.WHOLE_WORD] if args.whole_word else [EvalMode.PLAIN]
+    fills = {p: cloze(p, limit, modes) for p in ("float32", args.precision)}
+    n = len(read_cloze(CLOZE)[:limit])
+    for key in fills["float32"]:
+        f32, fast_v = fills["float32"][key], fills[args.precision][key]
+        goal = "within 1 point" if key.endswith("top5") else ""
+        mark = " ✓" if key.endswith("top5") and abs(f32 - fast_v) <= 0.01 else ""
+        print(f"| fill-mask cloze ({n} items) {key.replace('_', ' ')} | {f32:.1%} | {fast_v:.1%}{mark} | {goal} |",
+              flush=True)  # fmt: skip
 
 
 def main() -> None:
@@ -166,11 +176,15 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--whole-word", action="store_true", help="also the whole-word cloze mode (slow)")
+    parser.add_argument("--cloze-only", action="store_true", help="only the fill-mask cloze rows")
     args = parser.parse_args()
     started = time.perf_counter()
     n_prompts, limit = (8, 40) if args.quick else (32, None)
     print(f"float32 against {args.precision}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    if args.cloze_only:
+        print_cloze(args, limit)
+        return
     ref = load_model(load_settings(adapter="none", precision="float32"))
     fast = load_model(load_settings(adapter="none", precision=args.precision))
     prompts = [chat_ids(ref, q) for q in QUESTIONS[:n_prompts]]
@@ -192,14 +206,7 @@ def main() -> None:
         print(f"| structured output valid, {label} | {struct['float32'][key]:.0%} | "
               f"{struct[args.precision][key]:.0%} | 100% |", flush=True)  # fmt: skip
     del ref, fast
-    modes = [EvalMode.PLAIN, EvalMode.WHOLE_WORD] if args.whole_word else [EvalMode.PLAIN]
-    fills = {p: cloze(p, limit, modes) for p in ("float32", args.precision)}
-    for key in fills["float32"]:
-        f32, fast_v = fills["float32"][key], fills[args.precision][key]
-        goal = "within 1 point" if key.endswith("top5") else ""
-        mark = " ✓" if key.endswith("top5") and abs(f32 - fast_v) <= 0.01 else ""
-        print(f"| fill-mask cloze ({len(read_cloze(CLOZE)[:limit])} items) {key.replace('_', ' ')} | {f32:.1%} | "
-              f"{fast_v:.1%}{mark} | {goal} |")  # fmt: skip
+    print_cloze(args, limit)
     print(f"\n{time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")
 
 
