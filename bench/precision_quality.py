@@ -14,7 +14,7 @@ Prints one table:
 - fill-mask top-1/top-5 on service/data/cloze.tsv with the shipped MNTP adapter, through the training
   evaluator (service/training/eval.py), plain (``--whole-word`` adds whole-word mode, a beam search of
   up to 4 sub-tokens: ~20 s an item on a loaded machine) (goal: top-5 within 1 point of float32);
-- structured outputs through the engine's output masks: a JSON schema and a regex on 16 prompts each,
+- structured outputs through the engine's output masks: a JSON schema and a regex, 8 prompts each,
   greedy; the share of outputs that parse and validate (goal: 100%).
 """
 
