@@ -4,11 +4,14 @@
     python bench/fill_mask.py --adapter random                  # bundled SmolLM2 + a random LoRA (same speed)
     python bench/fill_mask.py --model tiny-bert                 # the tests' tiny BERT (seconds, for a smoke run)
     python bench/fill_mask.py --model /path/to/bert-base-uncased --concurrency 1,8,32 --requests 128
+    python bench/fill_mask.py --precision int8 --float32-engine   # also maskserve in float32 (the old engine)
 
 Both services run as uvicorn subprocesses on free loopback ports, alternately driven by N concurrent
 httpx clients sending one-mask sentences (16 sentences, cycled):
 
 - maskserve: ``maskserve serve`` (POST /v1/fill-mask, batches concurrent requests into one padded forward);
+- with ``--float32-engine``, maskserve again in ``MASKSERVE_PRECISION=float32``: the engine before the fast
+  path, for the ratio of the precision alone;
 - baseline: a plain FastAPI ``def`` route (FastAPI's thread pool) running one unbatched forward per request.
   For an encoder MLM it is transformers' fill-mask pipeline itself; for a decoder with an MNTP adapter (the
   pipeline cannot do MNTP) it is the same merged model under a bidirectional mask, read at i-1, top-5.
@@ -164,7 +167,7 @@ class BareForward:
     """One sentence's forward in this process: the full model (as the baseline runs it), and the head-only
     variant maskserve runs for decoders. ``measure()`` returns both p50s in ms."""
 
-    def __init__(self, model_arg: str, adapter_arg: str) -> None:
+    def __init__(self, model_arg: str, adapter_arg: str, precision: str = "auto") -> None:
         import torch
         from service.engine.fill_mask import FillMaskCodec, Row, forward_rows, head_only_matches
 
@@ -172,7 +175,7 @@ class BareForward:
         from service.engine.loading import load_model
         from service.masks.fill import fill_attention
 
-        settings = load_settings(model=model_arg, adapter=adapter_arg)
+        settings = load_settings(model=model_arg, adapter=adapter_arg, precision=precision)
         loaded = load_model(settings)
         net = loaded.fill_mask_model
         assert net is not None
@@ -300,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         default="PASSIVE",
         help="OMP_WAIT_POLICY for both servers and the bare forward (maskserve serve defaults to PASSIVE)",
     )
+    parser.add_argument("--precision", default="auto", help="MASKSERVE_PRECISION of maskserve and the bare forward")
+    parser.add_argument("--float32-engine", action="store_true", help="also run maskserve in float32")
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -321,12 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model: {description}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{os.cpu_count()} cpus, OMP_WAIT_POLICY={args.omp_wait_policy}, load average "
               f"{os.getloadavg()[0]:.1f}; max_batch_size {args.max_batch_size}, max_batch_wait_ms "
-              f"{args.max_batch_wait_ms:g}", flush=True)  # fmt: skip
-        bare = BareForward(model, adapter)
+              f"{args.max_batch_wait_ms:g}; precision {args.precision}", flush=True)  # fmt: skip
+        bare = BareForward(model, adapter, args.precision)
         p_ours, p_base = free_port(), free_port()
+        serve = [sys.executable, "-m", "service.cli", "serve", "--model", model, "--adapter", adapter, "--port"]
         servers = [
-            start([sys.executable, "-m", "service.cli", "serve", "--model", model, "--adapter", adapter, "--port",
-                   str(p_ours)], env, f"http://127.0.0.1:{p_ours}/ready"),
+            start([*serve, str(p_ours)], {**env, "MASKSERVE_PRECISION": args.precision},
+                  f"http://127.0.0.1:{p_ours}/ready"),
             start([sys.executable, __file__, "--serve-baseline", "--model", model, "--adapter", adapter, "--port",
                    str(p_base)], env, f"http://127.0.0.1:{p_base}/fill-mask"),
         ]  # fmt: skip
@@ -334,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
             "maskserve": f"http://127.0.0.1:{p_ours}/v1/fill-mask",
             "baseline": f"http://127.0.0.1:{p_base}/fill-mask",
         }
+        if args.float32_engine:
+            p_f32 = free_port()
+            servers.append(start([*serve, str(p_f32)], {**env, "MASKSERVE_PRECISION": "float32"},
+                                 f"http://127.0.0.1:{p_f32}/ready"))  # fmt: skip
+            urls["float32"] = f"http://127.0.0.1:{p_f32}/v1/fill-mask"
         results: dict[tuple[str, int], Run] = {}
         bare_full: list[float] = []
         bare_ours: list[float] = []
@@ -365,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         o, b = results[("maskserve", clients)], results[("baseline", clients)]
         print(f"| {clients} | {o.rps:.1f} | {o.pct(0.5):.1f} | {o.pct(0.99):.1f} | {b.rps:.1f} | {b.pct(0.5):.1f} | "
               f"{b.pct(0.99):.1f} | {o.rps / b.rps:.2f} | {b.pct(0.5) / o.pct(0.5):.2f} |")  # fmt: skip
+    if args.float32_engine:
+        print()
+        print("| clients | maskserve req/s | p50 ms | maskserve float32 req/s | p50 ms | throughput × | p50 × |")
+        print("|--:|--:|--:|--:|--:|--:|--:|")
+        for clients in plan:
+            o, f = results[("maskserve", clients)], results[("float32", clients)]
+            print(f"| {clients} | {o.rps:.1f} | {o.pct(0.5):.1f} | {f.rps:.1f} | {f.pct(0.5):.1f} | "
+                  f"{o.rps / f.rps:.2f} | {f.pct(0.5) / o.pct(0.5):.2f} |")  # fmt: skip
     print()
     print(f"bare forward, 1 sentence ({bare.tokens} tokens), p50: {full_ms:.1f} ms full model, {ours_ms:.1f} ms "
           "maskserve's forward (LM head on the read position only)")  # fmt: skip

@@ -1,15 +1,23 @@
-"""Generation speed: maskserve over HTTP beside transformers' ``generate``, same model, prompts and dtype, one run.
+"""Generation speed: maskserve over HTTP beside llama.cpp, its own float32 engine and transformers, one run.
 
-    .venv/bin/python bench/generate.py                      # float32, 64 new tokens, 3 rounds
-    .venv/bin/python bench/generate.py --dtype bfloat16
+    .venv/bin/python bench/generate.py                      # the fast path (auto: int8 on CPU), 64 tokens, 3 rounds
+    .venv/bin/python bench/generate.py --precision bfloat16
     .venv/bin/python bench/generate.py --quick              # 16 tokens, 1 round: a smoke run
     .venv/bin/python bench/generate.py --compile            # also torch.compile the model for one stream
+    pip install -e '.[bench]'                               # llama-cpp-python for the anchor (compiles ~10 min)
 
-Measured, in rounds (medians reported; baseline and ours alternate within a round, so both see the same
+Measured, in rounds (medians reported; the baselines and ours alternate within a round, so all see the same
 machine load):
 
 - aggregate tokens/s at 1, 8 and 32 concurrent requests to our server (``POST /v1/generate`` over loopback
-  HTTP, continuous batching), against sequential ``model.generate`` per request and transformers' static
+  HTTP, continuous batching), in ``--precision``;
+- the anchor: llama.cpp (llama-cpp-python, when installed) on the bundled GGUF file itself, the same chat
+  prompts through the GGUF's own chat template, the same thread count, exactly ``--tokens`` tokens (its
+  end-of-sequence tokens banned through ``logit_bias``), one stream, in a subprocess of its own (its OpenMP
+  team must not share a process with ours: service/engine/compute.py);
+- the old engine: ``maskserve serve`` with ``MASKSERVE_PRECISION=float32`` in a subprocess, 1 and 32 streams
+  (``--no-float32-engine`` skips it);
+- transformers' ``generate`` in ``--hf-precision`` (bfloat16 by default): sequential per request, and static
   batching (all 32 prompts in one ``generate`` call: the best case, no arrivals, no masks);
 - time per token with and without a JSON-schema constraint (1 and 8 streams), and what the masks themselves
   cost (time inside the mask functions per token);
@@ -18,8 +26,9 @@ machine load):
 - the machine's bound: measured matmul FLOP/s and memory read bandwidth -> tokens/s for this model.
 
 Every request generates exactly ``--tokens`` tokens (``min_tokens`` / ``min_new_tokens``), greedy. All model
-work — the server's and the baselines' — runs on the server's one compute thread (service/engine/compute.py):
-a second thread running torch would form a second OpenMP team and slow both sides down.
+work of this process — the server's and the transformers baselines' — runs on the server's one compute
+thread (service/engine/compute.py): a second thread running torch would form a second OpenMP team and slow
+both sides down.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -47,7 +57,8 @@ from service.engine import generate as engine_generate  # noqa: E402
 from service.engine.compute import ComputeThread, keep_single_threaded  # noqa: E402
 from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams  # noqa: E402
 from service.engine.kv_cache import BatchLayer  # noqa: E402
-from service.engine.loading import LoadedModel  # noqa: E402
+from service.engine.loading import LoadedModel, bundled_gguf_path, load_model  # noqa: E402
+from service.engine.precision import Int8Linear  # noqa: E402
 from service.masks import output as output_masks  # noqa: E402
 from tests.live import live_server  # noqa: E402
 
@@ -125,10 +136,10 @@ def machine_bound(loaded: LoadedModel) -> dict[str, float]:
     m = in_worker(measure)
     model = loaded.generation_model
     assert model is not None
-    matmul_params = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear))
-    bytes_per = torch.finfo(loaded.dtype).bits // 8
-    m["flop_per_token"] = 2 * matmul_params
-    m["weight_bytes"] = matmul_params * bytes_per
+    dense = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear))
+    int8 = sum(mod.qweight.numel() for mod in model.modules() if isinstance(mod, Int8Linear))
+    m["flop_per_token"] = 2 * (dense + int8)
+    m["weight_bytes"] = dense * (torch.finfo(loaded.dtype).bits // 8) + int8  # what one decode step reads
     m["compute_bound"] = m[f"flops_{str(loaded.dtype).removeprefix('torch.')}"] / m["flop_per_token"]
     m["memory_bound_1"] = m["bandwidth"] / m["weight_bytes"]
     return m
@@ -179,6 +190,85 @@ def hf_static_batch(loaded: LoadedModel, questions: list[str], n: int) -> float:
         return len(questions) * n / (time.perf_counter() - started)
 
     return in_worker(run)
+
+
+# --- the anchor: llama.cpp on the same GGUF file -------------------------------------------------------------------
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_cpp_worker(questions: list[str], n: int, threads: int) -> None:
+    """In a subprocess: load the GGUF, one warm-up, then the questions one at a time; prints tokens/s as JSON."""
+    import llama_cpp.llama as llama_module
+    from llama_cpp import Llama
+
+    defaults = llama_module.llama_cpp.llama_model_default_params
+
+    def no_extra_buffers() -> Any:
+        # ggml's AMX extra buffer type (repacked weights) segfaults in ggml_backend_amx_mul_mat on this
+        # machine (the CPU reports AMX); llama.cpp's --no-extra-bufts, which llama-cpp-python does not expose.
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_module.llama_cpp.llama_model_default_params = no_extra_buffers
+    llm = Llama(model_path=str(bundled_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                verbose=False)  # fmt: skip
+    eos = {llm.token_eos(), *llm.tokenize(b"<|im_end|>", add_bos=False, special=True),
+           *llm.tokenize(b"<|endoftext|>", add_bos=False, special=True)}  # fmt: skip
+    bias = {int(t): -1e9 for t in eos}  # banned: exactly n tokens, as min_tokens does for ours
+
+    def one(q: str, tokens: int) -> int:
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": q}], max_tokens=tokens, temperature=0.0, logit_bias=bias
+        )
+        return int(out["usage"]["completion_tokens"])  # type: ignore[index]
+
+    one(questions[0], 4)
+    started = time.perf_counter()
+    counts = [one(q, n) for q in questions]
+    seconds = time.perf_counter() - started
+    assert all(c == n for c in counts), counts
+    print(json.dumps({"tokens_per_s": sum(counts) / seconds}))
+
+
+def llama_cpp(questions: list[str], n: int, threads: int) -> float:
+    cmd = [sys.executable, __file__, "--llama-cpp-worker", "--tokens", str(n), "--threads", str(threads),
+           "--sequential", str(len(questions))]  # fmt: skip
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=900).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
+
+
+# --- the old engine: maskserve in float32, in a subprocess -------------------------------------------------------
+
+
+def start_float32_engine(threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    env = {**os.environ, "MASKSERVE_PRECISION": "float32", "MASKSERVE_ADAPTER": "none", "MASKSERVE_LOG_LEVEL":
+           "warning", "MASKSERVE_MAX_RUNNING_REQUESTS": "32", "MASKSERVE_TORCH_THREADS": str(threads)}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
+                            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("the float32 engine did not start")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("the float32 engine did not become ready")
 
 
 # --- ours, over HTTP ------------------------------------------------------------------------------------------------
@@ -280,7 +370,12 @@ def cache_step_ms(loaded: LoadedModel, rows: int, steps: int, cat: bool) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16", "int8"])
+    parser.add_argument("--hf-precision", default="bfloat16", choices=["float32", "bfloat16"],
+                        help="precision of the transformers baselines")  # fmt: skip
+    parser.add_argument("--no-float32-engine", action="store_true", help="skip maskserve in float32")
+    parser.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
+    parser.add_argument("--llama-cpp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sequential", type=int, default=4, help="requests in the one-at-a-time runs")
@@ -291,9 +386,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.rounds = 16, 1
+    if args.llama_cpp_worker:
+        llama_cpp_worker(QUESTIONS[: args.sequential], args.tokens, args.threads)
+        return
     settings = load_settings(
-        adapter="none", dtype=args.dtype, max_running_requests=32, log_level="warning", torch_threads=args.threads
-    )
+        adapter="none", precision=args.precision, max_running_requests=32, log_level="warning",
+        torch_threads=args.threads,
+    )  # fmt: skip
     keep_single_threaded()  # this thread only sends requests and prints
     app = create_app(settings)
     with live_server(app) as url:
@@ -306,8 +405,29 @@ def main() -> None:
 def run_bench(args: argparse.Namespace, url: str, app: Any, loaded: LoadedModel) -> None:
     n = args.tokens
     threads = in_worker(torch.get_num_threads)
-    print(f"model {loaded.name}, {args.dtype}, {n} new tokens a request, {args.rounds} round(s), "
-          f"torch threads {threads}, load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"model {loaded.name}, precision {loaded.precision.value}, {n} new tokens a request, {args.rounds} "
+          f"round(s), torch threads {threads}, load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
+    hf_settings = load_settings(adapter="none", precision=args.hf_precision, log_level="warning")
+    hf_model = in_worker(lambda: load_model(hf_settings))  # transformers' baselines run their own precision
+    anchor = not args.no_llama_cpp and llama_cpp_available()
+    if not anchor:
+        print("llama.cpp: not installed (pip install -e '.[bench]'), or --no-llama-cpp: no anchor this run")
+    f32: tuple[subprocess.Popen[bytes], str] | None = None
+    if not args.no_float32_engine:
+        f32 = start_float32_engine(threads)
+    try:
+        run_rounds(args, url, app, loaded, hf_model, anchor, f32[1] if f32 else None, threads)
+    finally:
+        if f32 is not None:
+            f32[0].terminate()
+            f32[0].wait(timeout=30)
+
+
+def run_rounds(
+    args: argparse.Namespace, url: str, app: Any, loaded: LoadedModel, hf_model: LoadedModel, anchor: bool,
+    f32_url: str | None, threads: int,
+) -> None:  # fmt: skip
+    n = args.tokens
 
     bound = machine_bound(loaded)
     print(
@@ -325,12 +445,19 @@ def run_bench(args: argparse.Namespace, url: str, app: Any, loaded: LoadedModel)
 
     seq_questions = QUESTIONS[: args.sequential]
     ours(url, QUESTIONS[:2], 4, 2)  # warm up both paths
-    hf_sequential(loaded, QUESTIONS[:1], 4)
+    hf_sequential(hf_model, QUESTIONS[:1], 4)
+    if f32_url:
+        ours(f32_url, QUESTIONS[:2], 4, 2)
     for r in range(args.rounds):
-        record("generate, sequential", hf_sequential(loaded, seq_questions, n))
+        if anchor:
+            record("llama.cpp, 1 stream", llama_cpp(seq_questions, n, threads))
         record("ours, 1 stream", ours(url, seq_questions, n, 1))
-        record("generate, static batch of 32", hf_static_batch(loaded, QUESTIONS, n))
+        if f32_url:
+            record("float32 engine, 1 stream", ours(f32_url, seq_questions, n, 1))
+            record("float32 engine, 32 streams", ours(f32_url, QUESTIONS, n, 32))
         record("ours, 32 streams", ours(url, QUESTIONS, n, 32))
+        record("generate, sequential", hf_sequential(hf_model, seq_questions, n))
+        record("generate, static batch of 32", hf_static_batch(hf_model, QUESTIONS, n))
         record("ours, 8 streams", ours(url, QUESTIONS, n, 8))
         with MaskTimer() as timer:
             record("ours, 1 stream, JSON schema", ours(url, seq_questions, n, 1, {"json_schema": LONG_STRING_SCHEMA}))
@@ -359,10 +486,11 @@ def run_bench(args: argparse.Namespace, url: str, app: Any, loaded: LoadedModel)
     print(f"| {'setup':<44} | {'median':>9} | {'rounds':<24} | ratio |")
     print(f"|{'-' * 46}|{'-' * 11}:|{'-' * 26}|-------|")
     ratios = {
-        "ours, 1 stream": "generate, sequential",
-        "ours, 1 stream, torch.compile": "generate, sequential",
+        "ours, 1 stream": "llama.cpp, 1 stream" if "llama.cpp, 1 stream" in med else "generate, sequential",
+        "float32 engine, 1 stream": "llama.cpp, 1 stream",
+        "ours, 1 stream, torch.compile": "ours, 1 stream",
         "ours, 8 streams": "generate, static batch of 32",
-        "ours, 32 streams": "generate, static batch of 32",
+        "ours, 32 streams": "float32 engine, 32 streams" if f32_url else "generate, static batch of 32",
         "ours, 1 stream, JSON schema": "ours, 1 stream",
         "ours, 8 streams, JSON schema": "ours, 8 streams, plain (same 8)",
         "decode step, 32 rows, torch.cat cache (ms)": "decode step, 32 rows, in-place cache (ms)",
@@ -373,6 +501,17 @@ def run_bench(args: argparse.Namespace, url: str, app: Any, loaded: LoadedModel)
         ratio = f"{value / med[base]:.2f}x" if base in med else ""
         rounds = ", ".join(f"{v:.1f}" for v in results[name])
         print(f"| {name + unit:<44} | {value:>9.1f} | {rounds:<24} | {ratio:>5} |")
+    comparisons = [
+        ("ours, 1 stream", "llama.cpp, 1 stream", "goal >= 0.5"),
+        ("ours, 1 stream", "float32 engine, 1 stream", ""),
+        ("ours, 32 streams", "float32 engine, 32 streams", "goal >= 1.8"),
+        ("ours, 32 streams", "generate, static batch of 32", f"goal >= 1.0, transformers in {args.hf_precision}"),
+        ("ours, 1 stream", "generate, sequential", f"transformers in {args.hf_precision}"),
+    ]
+    print()
+    for a, b, note in comparisons:
+        if a in med and b in med:
+            print(f"{a} / {b}: {med[a] / med[b]:.2f}x" + (f" ({note})" if note else ""))
     per_token = {k: 1e3 / med[k] for k in ("ours, 1 stream", "ours, 1 stream, JSON schema")}
     overhead = per_token["ours, 1 stream, JSON schema"] / per_token["ours, 1 stream"] - 1
     print(

@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    models = {d: load_model(load_settings(adapter="none", dtype=d)) for d in ("float32", "bfloat16")}
+    models = {d: load_model(load_settings(adapter="none", precision=d)) for d in ("float32", "bfloat16")}
     batches = {
         d: DecodeBatch(m.generation_model, ModelVocab.build(m, 1), lock=threading.Lock(), pad_id=2)
         for d, m in models.items()

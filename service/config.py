@@ -28,11 +28,18 @@ class Device(StrEnum):
     CUDA = "cuda"
 
 
-class DType(StrEnum):
-    AUTO = "auto"  # float32 on CPU, bfloat16 on CUDA
+class Precision(StrEnum):
+    """How the weights are stored and the matmuls run (service/engine/precision.py)."""
+
+    AUTO = "auto"  # int8 on CPU (measured fastest there: docs/generation.md), bfloat16 on CUDA
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
+    FLOAT16 = "float16"  # CUDA only in practice; kept so MASKSERVE_DTYPE=float16 keeps working
+    INT8 = "int8"  # weight-only int8 (per-output-channel scales), bfloat16 activations, float32 logits
+
+
+# The old name of the setting: MASKSERVE_DTYPE took auto|float32|bfloat16|float16, a subset of Precision.
+DType = Precision
 
 
 def _split_csv(value: object) -> object:
@@ -55,7 +62,13 @@ class Settings(BaseSettings):
         "(nothing for other models); 'none' = no adapter.",
     )
     device: Device = Field(Device.AUTO, description="Where the model runs; auto = cuda when available, else cpu.")
-    dtype: DType = Field(DType.AUTO, description="Weight dtype; auto = float32 on CPU, bfloat16 on CUDA.")
+    precision: Precision = Field(
+        Precision.AUTO,
+        description="auto (int8 on CPU, bfloat16 on CUDA), float32, bfloat16, float16, int8 (weight-only).",
+    )
+    dtype: Precision | None = Field(
+        None, description="Deprecated alias of precision (MASKSERVE_DTYPE); used only when precision is not set."
+    )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "maskserve",
         description="Where the de-quantized bundled model is cached as safetensors.",
@@ -129,6 +142,9 @@ class Settings(BaseSettings):
     def _consistent(self) -> Settings:
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must not exceed max_new_tokens")
+        if self.dtype is not None and "precision" not in self.model_fields_set:
+            # MASKSERVE_DTYPE from an older deployment: honour it (the model is frozen, hence object.__setattr__).
+            object.__setattr__(self, "precision", self.dtype)
         return self
 
 

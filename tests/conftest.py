@@ -13,6 +13,11 @@ from service.config import Settings, load_settings  # noqa: E402
 from service.engine.loading import LoadedModel, load_model  # noqa: E402
 from tests.tiny import build_tiny_bert, build_tiny_llama, build_tiny_mntp_adapter  # noqa: E402
 
+# The shared fixtures run float32: many tests compare against a float32 reference (transformers' pipeline,
+# PEFT's merge) to 1e-6. The int8 fast path (the default on CPU) re-runs the invariance tests in
+# tests/integration/test_precision.py.
+REFERENCE = "float32"
+
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -26,12 +31,12 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def bert_settings(tiny_bert_dir: Path) -> Settings:
-    return load_settings(model=str(tiny_bert_dir), adapter="none", max_batch_wait_ms=5)
+    return load_settings(model=str(tiny_bert_dir), adapter="none", max_batch_wait_ms=5, precision=REFERENCE)
 
 
 @pytest.fixture(scope="session")
 def llama_settings(tiny_llama_dir: Path) -> Settings:
-    return load_settings(model=str(tiny_llama_dir), adapter="none")
+    return load_settings(model=str(tiny_llama_dir), adapter="none", precision=REFERENCE)
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +56,9 @@ def tiny_mntp_adapter_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture(scope="session")
 def mntp_settings(tiny_llama_dir: Path, tiny_mntp_adapter_dir: Path) -> Settings:
-    return load_settings(model=str(tiny_llama_dir), adapter=str(tiny_mntp_adapter_dir), max_batch_wait_ms=5)
+    return load_settings(
+        model=str(tiny_llama_dir), adapter=str(tiny_mntp_adapter_dir), max_batch_wait_ms=5, precision=REFERENCE
+    )
 
 
 @pytest.fixture(scope="session")

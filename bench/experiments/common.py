@@ -199,6 +199,7 @@ def tiny_llama_dir() -> Path:
 
 def load_decoder(smoke: bool) -> LoadedModel:
     """The bundled SmolLM2-135M-Instruct, or under --smoke the tiny Llama from tests/tiny.py."""
+    # float32: the experiments' results (and their checks) were measured there; the fast path is a speed choice.
     if not smoke:
-        return load_model(load_settings(adapter="none"))
-    return load_model(load_settings(model=str(tiny_llama_dir()), adapter="none"))
+        return load_model(load_settings(adapter="none", precision="float32"))
+    return load_model(load_settings(model=str(tiny_llama_dir()), adapter="none", precision="float32"))

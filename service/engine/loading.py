@@ -39,7 +39,8 @@ from transformers import (  # noqa: E402
     PreTrainedTokenizerBase,
 )
 
-from service.config import BUNDLED_MODEL, NO_ADAPTER, SHIPPED_ADAPTER, ConfigError, Device, DType, Settings
+from service.config import BUNDLED_MODEL, NO_ADAPTER, SHIPPED_ADAPTER, ConfigError, Device, Precision, Settings
+from service.engine.precision import activation_dtype, apply_precision, resolve_precision
 from service.engine.steering import enable_steering
 
 log = logging.getLogger("maskserve.loading")
@@ -78,7 +79,7 @@ class LoadedModel:
     kind: ModelKind
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # of activations, masks and the KV cache (bfloat16 under int8)
     max_length: int
     fill_mask_model: PreTrainedModel | None
     generation_model: PreTrainedModel | None
@@ -87,6 +88,7 @@ class LoadedModel:
     adapter: str | None
     adapter_objective: AdapterObjective | None
     load_seconds: float = 0.0
+    precision: Precision = Precision.FLOAT32  # resolved (never auto): service/engine/precision.py
     steerable: bool = False  # attention runs service/engine/steering.py: emphasis may pick layers/heads
 
     @property
@@ -110,6 +112,7 @@ class LoadedModel:
             "adapter_objective": self.adapter_objective.value if self.adapter_objective else None,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "precision": self.precision.value,
             "mask_token": self.mask_token,
             "max_length": self.max_length,
         }
@@ -127,12 +130,6 @@ def resolve_device(device: Device) -> torch.device:
     if device is Device.CUDA and not torch.cuda.is_available():
         raise ConfigError("MASKSERVE_DEVICE=cuda but no CUDA device is available")
     return torch.device(device.value)
-
-
-def resolve_dtype(dtype: DType, device: torch.device) -> torch.dtype:
-    if dtype is DType.AUTO:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}[dtype]
 
 
 def bundled_gguf_path() -> Path:
@@ -237,7 +234,10 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    precision = resolve_precision(settings.precision, device)
+    dtype = activation_dtype(precision)
+    # int8 quantizes from the float32 weights; the other precisions load in their own dtype.
+    load_dtype = torch.float32 if precision is Precision.INT8 else dtype
     if settings.model == BUNDLED_MODEL:
         model_dir, name = bundled_model_dir(settings.cache_dir), BUNDLED_NAME
     else:
@@ -249,7 +249,7 @@ def load_model(settings: Settings) -> LoadedModel:
     objective = AdapterObjective(str(meta["objective"])) if "objective" in meta else None
 
     auto = AutoModelForMaskedLM if kind is ModelKind.ENCODER else AutoModelForCausalLM
-    base: PreTrainedModel = auto.from_pretrained(model_dir, dtype=dtype)
+    base: PreTrainedModel = auto.from_pretrained(model_dir, dtype=load_dtype)
     base = base.to(device).eval()  # type: ignore[arg-type]  # transformers' stubs type .to() for dtype only
     adapted = _apply_adapter(base, adapter_dir, keep_base=objective is AdapterObjective.MNTP)
 
@@ -265,6 +265,9 @@ def load_model(settings: Settings) -> LoadedModel:
     else:
         fill, gen = None, adapted
         mask_token = None
+    # After the merge, so a LoRA delta is quantized together with its base weights; each served model once.
+    for net in {id(m): m for m in (fill, gen) if m is not None}.values():
+        apply_precision(net, precision)
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token is not None else None
     assert mask_id is None or isinstance(mask_id, int)
     if tokenizer.pad_token is None:
@@ -283,10 +286,11 @@ def load_model(settings: Settings) -> LoadedModel:
         mask_token_id=int(mask_id) if mask_id is not None else None,
         adapter=str(adapter_dir) if adapter_dir else None,
         adapter_objective=objective,
+        precision=precision,
     )
     loaded.steerable = all(enable_steering(m) for m in {id(m): m for m in (fill, gen) if m is not None}.values())
     loaded.load_seconds = time.perf_counter() - started
-    log.info("loaded %s (%s, %s, %s) in %.1f s", name, kind, device, dtype, loaded.load_seconds)
+    log.info("loaded %s (%s, %s, %s) in %.1f s", name, kind, device, precision, loaded.load_seconds)
     return loaded
 
 

@@ -1,0 +1,200 @@
+"""Precision: how the served weights are stored and multiplied — float32, bfloat16, float16, or int8.
+
+``apply_precision(model, precision)`` runs once per model, in service/engine/loading.py, after any adapter
+has been merged (so a LoRA delta is quantized with its base, never added to int8 weights):
+
+- ``float32`` / ``bfloat16`` / ``float16``: the model is cast, nothing else changes;
+- ``int8``: weight-only quantization. Every ``nn.Linear`` (attention and MLP projections, the LM head)
+  becomes an :class:`Int8Linear`: int8 weights with one scale per output channel (absmax / 127), bfloat16
+  activations, ``torch._weight_int8pack_mm`` as the kernel. The rest of the model (embeddings, norms,
+  attention itself) runs in bfloat16. A decode step reads ~135 MB of weights for SmolLM2-135M instead of
+  540 MB (float32): at batch 1 the step is bound by reading weights (docs/generation.md).
+
+The LM head of a decoder is tied to the input embeddings. The embedding lookup needs the table in a float
+dtype, so the tie is broken: the embedding keeps its bfloat16 table for the lookup, the head gets an
+Int8Linear of its own (the head's extra memory is its int8 copy, 28 MB for SmolLM2).
+
+**Kernels by the number of rows.** ``_weight_int8pack_mm`` wins while a matmul is bound by reading its
+weights (few rows); its time grows with every row, and from ~16 rows bfloat16 GEMM is faster (prefill,
+fill-mask, large decode batches; bench/int8_crossover.py measures it, docs/generation.md has the table).
+So each Int8Linear also keeps its weights *de-quantized* to bfloat16 and dispatches by its input: a decode
+step of fewer than ``dense_from_rows`` rows runs the int8 kernel, everything else bfloat16 GEMM
+(:meth:`Int8Linear.uses_dense` says why multi-token forwards never run int8). The dense copy is
+the de-quantized int8 weights (``q * scale`` rounded to bfloat16), not the original ones, so both kernels
+compute the same model up to bfloat16 rounding of the products; the price is the bfloat16 copy's memory
+(2 bytes a weight beside the int8 byte: 3 bytes a weight in all, against 4 for float32).
+
+Masks and logits need nothing here: the engine builds 4D masks in the model's parameter dtype
+(``next(model.parameters()).dtype`` — the bfloat16 embeddings come first) and casts logits to float32
+before log-softmax, sampling and output masks (service/engine/generate.py, service/engine/fill_mask.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from service.config import Precision
+
+log = logging.getLogger("maskserve.precision")
+
+ACTIVATION_DTYPE = torch.bfloat16  # torch's CPU weight-only kernels are vectorised for bfloat16 activations only
+# At and above this many rows an Int8Linear runs bfloat16 GEMM on its de-quantized copy (measured crossover:
+# bench/int8_crossover.py, docs/generation.md "Precision").
+DENSE_FROM_ROWS = 16
+# torch 2.13's CPU _weight_int8pack_mm crashes (segfault, no error) unless in_features is a multiple of 16.
+INT8_K_MULTIPLE = 16
+FLOAT_DTYPES = {
+    Precision.FLOAT32: torch.float32,
+    Precision.BFLOAT16: torch.bfloat16,
+    Precision.FLOAT16: torch.float16,
+    Precision.INT8: ACTIVATION_DTYPE,
+}
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """``auto``: int8 weight-only on CPU (fastest there, docs/generation.md), bfloat16 on CUDA."""
+    if precision is not Precision.AUTO:
+        return precision
+    return Precision.BFLOAT16 if device.type == "cuda" else Precision.INT8
+
+
+def activation_dtype(precision: Precision) -> torch.dtype:
+    """The dtype activations, masks and the KV cache have under ``precision`` (not ``auto``)."""
+    return FLOAT_DTYPES[precision]
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8, one scale per output row: (O, K) float -> (O, K) int8, (O,) bfloat16 scales.
+
+    The scale is rounded to bfloat16 (the kernel's dtype) *before* the weights are divided by it, so
+    ``q * scale`` is the nearest int8 grid point under the scale the kernel really uses.
+    """
+    w = weight.detach().float()  # (O, K)
+    scale = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(ACTIVATION_DTYPE)  # (O,)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (O, K)
+    return q.contiguous(), scale
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b`` with W stored as int8 rows and per-output-channel bfloat16 scales.
+
+    Input any float dtype ``(..., K)``; output bfloat16 ``(..., O)``. A decode step of fewer than
+    ``dense_from_rows`` rows runs ``torch._weight_int8pack_mm``; other inputs run bfloat16 GEMM on the
+    de-quantized copy (:meth:`uses_dense`; ``None``: always int8, and no copy is kept).
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> None:
+        super().__init__()
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        q, scale = quantize_per_channel(weight)
+        self.qweight: Tensor
+        self.scales: Tensor
+        self.register_buffer("qweight", q)  # (O, K) int8
+        self.register_buffer("scales", scale)  # (O,) bfloat16
+        self.bias: Tensor | None
+        self.register_buffer("bias", None if bias is None else bias.detach().to(ACTIVATION_DTYPE).clone())  # (O,)
+        self.dense_from_rows = dense_from_rows
+        self.dense: Tensor | None
+        self.register_buffer("dense", self.dequantized() if dense_from_rows is not None else None)  # (O, K) bf16
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> Int8Linear:
+        return cls(linear.weight, linear.bias, dense_from_rows=dense_from_rows)
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective weights (``q * scale`` in bfloat16), for code that reads a linear's ``weight``
+        (its shape, e.g. the vocabulary size of an LM head).  # (O, K)"""
+        return self.dense if self.dense is not None else self.dequantized()
+
+    def dequantized(self) -> Tensor:
+        """The weights the int8 kernel multiplies by, ``q * scale``, in bfloat16.  # (O, K)"""
+        return (self.qweight.float() * self.scales.float()[:, None]).to(ACTIVATION_DTYPE)
+
+    def uses_dense(self, shape: tuple[int, ...] | torch.Size) -> bool:
+        """Which kernel an input of ``shape`` runs: True = bfloat16 GEMM, False = int8.
+
+        A decode step, ``(B, 1, K)``, dispatches by its rows B. Every other forward — prefill and fill-mask
+        ``(B, T, K)`` with T > 1, the fill-mask head on gathered positions ``(R, K)`` — has many rows by
+        nature and always runs bfloat16, so a request's prefill and fill-mask never change kernel with the
+        number of requests sharing the forward (switching would change every output's rounding: the two
+        kernels round differently). The int8 kernel computes each row alone, bit for bit; bfloat16 GEMM
+        differs between batch sizes only in rare last-bit roundings (tests/integration/test_precision.py).
+        Only decode batches of ``dense_from_rows`` rows or more change kernel.
+        """
+        if self.dense_from_rows is None:
+            return False
+        if len(shape) == 3 and shape[1] == 1:
+            return shape[0] >= self.dense_from_rows
+        return True
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)  # (N, K), N = batch x tokens
+        if self.uses_dense(x.shape):
+            assert self.dense is not None
+            y = torch.nn.functional.linear(flat, self.dense, self.bias)  # (N, O)
+        else:
+            y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)  # (N, O)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*lead, self.out_features)  # (..., O)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, dense_from_rows={self.dense_from_rows}"
+        )
+
+
+def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> int:
+    """Replace every ``nn.Linear`` of ``model`` by an :class:`Int8Linear`, the (tied) output embeddings
+    included; returns how many were replaced. In place."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.in_features % INT8_K_MULTIPLE == 0:
+                setattr(parent, name, Int8Linear.from_linear(child, dense_from_rows=dense_from_rows))
+                count += 1
+            elif isinstance(child, nn.Linear):
+                log.warning("%s (in_features %d) stays in bfloat16: the int8 kernel needs a multiple of %d",
+                            name, child.in_features, INT8_K_MULTIPLE)  # fmt: skip
+    config: Any = getattr(model, "config", None)
+    if callable(get_head) and isinstance(get_head(), Int8Linear) and getattr(config, "tie_word_embeddings", False):
+        # The head is its own int8 module now (the tie is broken): transformers must never re-tie it
+        # (``tie_weights``) to the bfloat16 embedding table, which stays for the lookup.
+        config.tie_word_embeddings = False
+    return count
+
+
+def apply_precision(model: nn.Module, precision: Precision) -> nn.Module:
+    """Cast (and for int8, quantize) a loaded model in place; ``precision`` is resolved (not ``auto``)."""
+    if precision is Precision.AUTO:
+        raise ValueError("resolve the precision first (resolve_precision)")
+    if precision is Precision.INT8:
+        # Quantize from the weights as loaded (float32), then cast the rest (embeddings, norms) to bfloat16;
+        # ``.to(dtype)`` leaves the int8 buffers as they are.
+        count = quantize_int8(model)
+        log.info("int8 weight-only: %d linear layers quantized (bfloat16 GEMM from %d rows)", count, DENSE_FROM_ROWS)
+    model.to(activation_dtype(precision))
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by the model's weights, by kind: what /v1/info-style reports and the docs quote."""
+    out = {"int8": 0, "dense_copy": 0, "other": 0}
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            out["int8"] += module.qweight.numel() + module.scales.numel() * 2
+            out["dense_copy"] += module.dense.numel() * 2 if module.dense is not None else 0
+            seen.update(id(t) for t in module.buffers())
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out["other"] += tensor.numel() * tensor.element_size()
+    return out

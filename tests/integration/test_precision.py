@@ -1,0 +1,388 @@
+"""Precision (service/engine/precision.py): the int8 linear against a float reference, its kernel dispatch, the
+service in every precision on the tiny models, and the invariance properties on the int8 fast path.
+
+The invariance tests of the shared suite run on float32 fixtures (tests/conftest.py); here the same test
+bodies run again on int8 models (``int8_*`` fixtures), with the same tolerances (1e-5 on scores and
+logprobs, identical tokens). They hold because every multi-token forward (prefill, fill-mask) runs the
+same kernel whatever the batch, decode batches below ``DENSE_FROM_ROWS`` rows run the int8 kernel (which
+computes each row alone, bit for bit), and bfloat16 GEMM differs between batch sizes only in rare last-bit
+roundings (checked below), as float32 GEMM does at its own resolution.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from service.engine.fill_mask import Row, forward_rows
+
+from service.app import create_app
+from service.config import Precision, Settings, load_settings
+from service.engine import precision as precision_mod
+from service.engine.generate import DecodeBatch
+from service.engine.loading import LoadedModel, load_model
+from service.engine.precision import DENSE_FROM_ROWS, Int8Linear, quantize_int8, resolve_precision
+from service.engine.vocab import ModelVocab
+from tests.integration import test_attention_api, test_attention_fill_mask, test_fill_mask_engine, test_generate_engine
+
+PRECISIONS = ["float32", "bfloat16", "int8"]
+
+
+# --- the quantized linear --------------------------------------------------------------------------------------
+
+
+def _weights(out: int = 96, inp: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    return torch.randn(out, inp) * 0.05, torch.randn(out) * 0.01
+
+
+def test_quantized_linear_matches_the_float_reference() -> None:
+    w, b = _weights()
+    lin = Int8Linear(w, b)
+    # Each weight is off by at most half a step of its row's grid: absmax / 254.
+    step = w.abs().amax(dim=1, keepdim=True) / 127
+    assert ((lin.dequantized().float() - w).abs() <= step / 2 + 1e-3 * step + w.abs() * 2**-8).all()
+    torch.manual_seed(1)
+    for shape in [(3, 1, 64), (2, 7, 64), (5, 64)]:  # a decode step (int8 kernel), a prefill and gathered rows
+        x = torch.randn(*shape)
+        ref = x @ w.T + b  # float32
+        got = lin(x)
+        assert got.dtype == torch.bfloat16
+        assert got.shape == (*shape[:-1], 96)
+        # Tolerance: quantisation (<= 1/254 of a row's absmax per weight, random signs) plus bfloat16 rounding
+        # of the input and the output (2^-9 relative each): 2% of the largest output bounds both with margin.
+        assert (got.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+def test_both_kernels_compute_the_same_weights() -> None:
+    w, b = _weights()
+    lin = Int8Linear(w, b, dense_from_rows=4)
+    x = torch.randn(2, 1, 64)
+    int8 = lin(x)  # 2 rows < 4: int8 kernel
+    assert lin.dense is not None
+    dense = torch.nn.functional.linear(x.reshape(2, 64).bfloat16(), lin.dense, lin.bias).reshape(2, 1, 96)
+    # The dense copy is q * scale rounded to bfloat16: the two differ by bfloat16 rounding only.
+    assert (int8.float() - dense.float()).abs().max() <= 2**-7 * dense.float().abs().max()
+
+
+def test_dispatch_picks_the_kernel_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = torch._weight_int8pack_mm
+
+    def counting(x: torch.Tensor, *args: Any) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", counting)
+    w, b = _weights()
+    lin = Int8Linear(w, b, dense_from_rows=4)
+    for shape, int8 in [
+        ((1, 1, 64), True),  # one decode row
+        ((3, 1, 64), True),  # a decode batch below the crossover
+        ((4, 1, 64), False),  # at the crossover: bfloat16 GEMM
+        ((1, 5, 64), False),  # a prefill of one row: multi-token forwards always run bfloat16
+        ((2, 64), False),  # gathered rows (the fill-mask head)
+    ]:
+        calls.clear()
+        lin(torch.randn(*shape))
+        assert bool(calls) == int8, shape
+    only_int8 = Int8Linear(w, b, dense_from_rows=None)
+    assert only_int8.dense is None
+    calls.clear()
+    only_int8(torch.randn(1, 5, 64))
+    assert calls == [5]
+
+
+@pytest.mark.parametrize("kernel", ["int8", "dense"])
+def test_each_kernel_computes_rows_nearly_independently_of_the_others(kernel: str) -> None:
+    """Why batching keeps outputs (nearly) exact: the int8 kernel computes each row alone, bit for bit, however
+    many rows share the call; bfloat16 GEMM (oneDNN) picks its blocking by the row count, which changes the
+    summation order: here at most 0.02% of the outputs differ, by one bfloat16 rounding step (float32 GEMM
+    behaves alike, at float32's resolution)."""
+    torch.manual_seed(2)
+    lin = Int8Linear(torch.randn(1536, 576) * 0.02, None, dense_from_rows=1)
+    x = torch.randn(300, 576, dtype=torch.bfloat16)
+
+    def run(rows: torch.Tensor) -> torch.Tensor:
+        if kernel == "int8":
+            return torch._weight_int8pack_mm(rows.contiguous(), lin.qweight, lin.scales)
+        assert lin.dense is not None
+        return torch.nn.functional.linear(rows, lin.dense)
+
+    full = run(x)
+    for m in (1, 2, 3, 8, 17, 32, 64, 128):
+        part = run(x[:m])
+        if kernel == "int8":
+            assert torch.equal(part, full[:m]), m
+        else:
+            differ = part != full[:m]
+            assert differ.float().mean() <= 2e-4, m
+            step = full[:m].float().abs() * 2**-7  # one bfloat16 rounding step, with margin
+            assert ((part.float() - full[:m].float()).abs() <= step + 1e-6).all(), m
+
+
+def test_layers_the_kernel_cannot_take_stay_bfloat16() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 4))  # in_features 8: not a multiple of 16
+    assert quantize_int8(model) == 1
+    assert isinstance(model[0], Int8Linear)
+    assert isinstance(model[1], torch.nn.Linear)
+
+
+# --- settings ---------------------------------------------------------------------------------------------------
+
+
+def test_auto_is_int8_on_cpu_and_bfloat16_on_cuda() -> None:
+    assert resolve_precision(Precision.AUTO, torch.device("cpu")) is Precision.INT8
+    assert resolve_precision(Precision.AUTO, torch.device("cuda")) is Precision.BFLOAT16
+    assert resolve_precision(Precision.FLOAT32, torch.device("cpu")) is Precision.FLOAT32
+
+
+def test_dtype_is_a_deprecated_alias(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MASKSERVE_PRECISION", raising=False)
+    monkeypatch.delenv("MASKSERVE_DTYPE", raising=False)
+    assert load_settings(adapter="none").precision is Precision.AUTO
+    monkeypatch.setenv("MASKSERVE_DTYPE", "bfloat16")
+    assert load_settings(adapter="none").precision is Precision.BFLOAT16
+    monkeypatch.setenv("MASKSERVE_PRECISION", "int8")
+    assert load_settings(adapter="none").precision is Precision.INT8  # the new name wins
+
+
+# --- loading and serving in each precision --------------------------------------------------------------------
+
+
+def _settings(base: Settings, precision: str) -> Settings:
+    return base.model_copy(update={"precision": Precision(precision)})
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_loading_in_each_precision(mntp_settings: Settings, precision: str) -> None:
+    loaded = load_model(_settings(mntp_settings, precision))
+    assert loaded.precision is Precision(precision)
+    expected = torch.float32 if precision == "float32" else torch.bfloat16
+    assert loaded.dtype == expected
+    assert loaded.fill_mask_model is not None
+    assert loaded.generation_model is not None
+    assert loaded.fill_mask_model is not loaded.generation_model
+    for net in (loaded.fill_mask_model, loaded.generation_model):
+        assert next(net.parameters()).dtype == expected  # masks and the KV cache are built in this dtype
+        int8 = [m for m in net.modules() if isinstance(m, Int8Linear)]
+        linear = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        if precision == "int8":
+            assert not linear
+            assert isinstance(net.get_output_embeddings(), Int8Linear)  # the LM head too, untied
+            assert net.get_input_embeddings().weight.dtype == torch.bfloat16  # the lookup keeps working
+            assert not net.config.tie_word_embeddings
+        else:
+            assert not int8
+    assert loaded.vocab_size == int(loaded.generation_model.config.vocab_size)
+    # logits reach sampling and the output masks in float32
+    row = Row(tuple(range(3, 9)), (2, 5))
+    assert forward_rows(loaded, [row])[0].dtype == torch.float32
+
+
+@pytest.fixture(scope="module", params=PRECISIONS)
+def served(
+    request: pytest.FixtureRequest, llama_settings: Settings, mntp_settings: Settings, bert_settings: Settings
+) -> Iterator[dict[str, TestClient]]:
+    clients: dict[str, TestClient] = {}
+    apps = {
+        name: create_app(_settings(s, request.param))
+        for name, s in (("llama", llama_settings), ("mntp", mntp_settings), ("bert", bert_settings))
+    }
+    with TestClient(apps["llama"]) as llama, TestClient(apps["mntp"]) as mntp, TestClient(apps["bert"]) as bert:
+        clients.update(llama=llama, mntp=mntp, bert=bert)
+        yield clients
+
+
+def test_service_serves_fill_mask_and_generate(served: dict[str, TestClient]) -> None:
+    for name in ("bert", "mntp"):
+        r = served[name].post(
+            "/v1/fill-mask", json={"inputs": "the [MASK] sees the red ball.", "parameters": {"top_k": 3}}
+        )
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert len(answer) == 3
+        assert all(0.0 < c["score"] <= 1.0 for c in answer)
+    for name in ("llama", "mntp"):
+        r = served[name].post("/v1/generate", json={"prompt": "the dog", "max_new_tokens": 6, "min_tokens": 6})
+        assert r.status_code == 200, r.text
+        tokens = r.json()["tokens"]
+        assert len(tokens) == 6
+        assert all(t["logprob"] <= 0.0 for t in tokens)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    r = served["llama"].post("/v1/generate", json={"prompt": "the dog", "max_new_tokens": 40, "json_schema": schema})
+    assert r.status_code == 200, r.text
+    if r.json()["finish_reason"] != "length":
+        assert isinstance(json.loads(r.json()["text"])["n"], int)
+
+
+# --- the invariance tests, on the int8 fast path ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_llama(llama_settings: Settings) -> LoadedModel:
+    return load_model(_settings(llama_settings, "int8"))
+
+
+@pytest.fixture(scope="module")
+def int8_mntp(mntp_settings: Settings) -> LoadedModel:
+    return load_model(_settings(mntp_settings, "int8"))
+
+
+@pytest.fixture(scope="module")
+def int8_bert(bert_settings: Settings) -> LoadedModel:
+    return load_model(_settings(bert_settings, "int8"))
+
+
+@pytest.fixture
+def int8_batch(int8_llama: LoadedModel) -> tuple[ModelVocab, DecodeBatch]:
+    vocab = ModelVocab.build(int8_llama, grammar_cache_size=8)
+    return vocab, DecodeBatch(int8_llama.generation_model, vocab, lock=threading.Lock(), pad_id=0)
+
+
+def test_int8_decode_runs_the_int8_kernel(int8_llama: LoadedModel) -> None:
+    net = int8_llama.generation_model
+    assert net is not None
+    head = net.get_output_embeddings()
+    assert isinstance(head, Int8Linear)
+    assert not head.uses_dense((1, 1, head.in_features))
+    assert not head.uses_dense((DENSE_FROM_ROWS - 1, 1, head.in_features))
+    assert head.uses_dense((DENSE_FROM_ROWS, 1, head.in_features))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"temperature": 1.0, "seed": 7}, {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 1}],
+    ids=["greedy", "sampled", "top-k-top-p"],
+)
+def test_int8_same_output_alone_or_in_a_changing_batch(
+    int8_llama: LoadedModel, int8_batch: tuple[ModelVocab, DecodeBatch], kw: dict[str, object]
+) -> None:
+    vocab, batch = int8_batch
+    test_generate_engine.test_same_output_alone_or_in_a_changing_batch(int8_llama, vocab, batch, kw)
+
+
+def test_int8_greedy_matches_transformers_generate_on_the_same_weights(
+    int8_llama: LoadedModel, int8_batch: tuple[ModelVocab, DecodeBatch]
+) -> None:
+    vocab, batch = int8_batch
+    test_generate_engine.test_greedy_matches_transformers_generate(int8_llama, vocab, batch)
+
+
+def test_int8_masked_rows_are_the_same_alone_or_batched(
+    int8_llama: LoadedModel, int8_batch: tuple[ModelVocab, DecodeBatch]
+) -> None:
+    vocab, batch = int8_batch
+    test_generate_engine.test_masked_rows_are_the_same_alone_or_batched(int8_llama, vocab, batch)
+
+
+def test_int8_steering_path_equals_mask_path_in_decode(
+    int8_llama: LoadedModel, int8_batch: tuple[ModelVocab, DecodeBatch]
+) -> None:
+    vocab, batch = int8_batch
+    test_generate_engine.test_emphasis_on_chosen_layers_and_heads(int8_llama, vocab, batch)
+
+
+@pytest.fixture(scope="module")
+def int8_llama_client(llama_settings: Settings, int8_llama: LoadedModel) -> Iterator[TestClient]:
+    with TestClient(create_app(_settings(llama_settings, "int8"), loaded=int8_llama)) as c:
+        yield c
+
+
+def test_int8_generate_excluded_span_has_no_influence(int8_llama_client: TestClient, int8_llama: LoadedModel) -> None:
+    test_attention_api.test_excluded_span_has_no_influence(int8_llama_client, int8_llama)
+
+
+def test_int8_generate_empty_constraint_is_bit_identical_to_none(int8_llama_client: TestClient) -> None:
+    test_attention_api.test_empty_constraint_is_bit_identical_to_none(int8_llama_client)
+
+
+def test_int8_generate_isolation_makes_order_irrelevant(int8_llama_client: TestClient) -> None:
+    test_attention_api.test_isolated_segments_with_restarts_make_order_irrelevant(int8_llama_client)
+
+
+@pytest.fixture(scope="module", params=["bert", "mntp"])
+def int8_fill_client(request: pytest.FixtureRequest) -> Iterator[tuple[TestClient, LoadedModel]]:
+    settings: Settings = _settings(request.getfixturevalue(f"{request.param}_settings"), "int8")
+    loaded: LoadedModel = request.getfixturevalue(f"int8_{request.param}")
+    with TestClient(create_app(settings, loaded=loaded)) as c:
+        yield c, loaded
+
+
+def _fill_mntp_only(client: tuple[TestClient, LoadedModel]) -> None:
+    # The tiny random BERT's distribution is nearly flat (scores ~0.013): in bfloat16 a different span moves
+    # its scores by less than the tests' 1e-4 "it did change" threshold, so those tests' own sanity checks
+    # (the span *does* matter without exclusion; one layer *is* a different steer) cannot be made there.
+    # The invariance itself is checked on BERT by the empty-constraint and isolation tests below.
+    if client[1].kind.value == "encoder":
+        pytest.skip("the tiny BERT is too flat for the test's 'it does change' check in bfloat16")
+
+
+@pytest.mark.parametrize("parameters", test_attention_fill_mask.PARAMETERS)
+def test_int8_fill_mask_excluded_span_has_no_influence(
+    int8_fill_client: tuple[TestClient, LoadedModel], parameters: dict
+) -> None:
+    _fill_mntp_only(int8_fill_client)
+    test_attention_fill_mask.test_excluded_span_has_no_influence(int8_fill_client, parameters)
+
+
+def test_int8_fill_mask_empty_constraint_is_bit_identical_to_none(
+    int8_fill_client: tuple[TestClient, LoadedModel],
+) -> None:
+    test_attention_fill_mask.test_empty_constraint_is_bit_identical_to_none(int8_fill_client)
+
+
+@pytest.mark.parametrize("parameters", test_attention_fill_mask.PARAMETERS[:2])
+def test_int8_fill_mask_isolation_makes_order_irrelevant(
+    int8_fill_client: tuple[TestClient, LoadedModel], parameters: dict
+) -> None:
+    test_attention_fill_mask.test_isolated_segments_with_restarts_make_order_irrelevant(int8_fill_client, parameters)
+
+
+def test_int8_fill_mask_steering_path_equals_mask_path(int8_fill_client: tuple[TestClient, LoadedModel]) -> None:
+    _fill_mntp_only(int8_fill_client)
+    test_attention_fill_mask.test_emphasis_on_every_layer_equals_emphasis_on_all(int8_fill_client)
+
+
+@pytest.mark.parametrize("which", ["int8_bert", "int8_mntp"])
+def test_int8_forward_rows_batch_invariance(which: str, request: pytest.FixtureRequest) -> None:
+    test_fill_mask_engine.test_forward_rows_batch_invariance(which, request)
+
+
+@pytest.mark.parametrize("which", ["bert", "mntp"])
+def test_int8_fill_mask_alone_or_batched_same_top_k(
+    which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker test (alone vs batched: same top-k, scores within 1e-5, tighter than the issue's 1e-3) on
+    the int8 models: it reads ``tiny_<which>`` and ``<which>_settings``, pointed at the int8 ones here."""
+    int8 = request.getfixturevalue(f"int8_{which}")
+    settings = _settings(request.getfixturevalue(f"{which}_settings"), "int8")
+
+    class Fixtures:
+        def getfixturevalue(self, name: str) -> Any:
+            return {f"tiny_{which}": int8, f"{which}_settings": settings}[name]
+
+    test_fill_mask_engine.test_worker_batches_mixed_lengths_and_scores_do_not_change(which, Fixtures())  # type: ignore[arg-type]  # a stand-in FixtureRequest
+
+
+def test_memory_of_the_int8_model(int8_llama: LoadedModel) -> None:
+    """int8 weights plus the bfloat16 copy: 3 bytes a quantized weight (float32: 4)."""
+    net = int8_llama.generation_model
+    assert net is not None
+    sizes = precision_mod.weight_bytes(net)
+    quantized = sum(m.qweight.numel() for m in net.modules() if isinstance(m, Int8Linear))
+    assert sizes["dense_copy"] == 2 * quantized
+    assert quantized <= sizes["int8"] <= quantized * 1.1
+
+
+def test_readme_lists_every_precision() -> None:
+    """``MASKSERVE_PRECISION`` is listed in the README settings table with every choice."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if x.startswith("| `MASKSERVE_PRECISION`"))
+    assert all(f"`{p.value}`" in line for p in Precision)
