@@ -169,9 +169,11 @@ class BareForward:
 
     def __init__(self, model_arg: str, adapter_arg: str, precision: str = "auto") -> None:
         import torch
-        from service.engine.fill_mask import FillMaskCodec, Row, forward_rows, head_only_matches
 
         from service.config import load_settings
+        from service.engine.fill.codec import FillMaskCodec
+        from service.engine.fill.forward import forward_rows, head_only_matches
+        from service.engine.fill.search import Row
         from service.engine.loading import load_model
         from service.masks.fill import fill_attention
 

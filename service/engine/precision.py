@@ -26,7 +26,7 @@ compute the same model up to bfloat16 rounding of the products; the price is the
 
 Masks and logits need nothing here: the engine builds 4D masks in the model's parameter dtype
 (``next(model.parameters()).dtype`` — the bfloat16 embeddings come first) and casts logits to float32
-before log-softmax, sampling and output masks (service/engine/generate.py, service/engine/fill_mask.py).
+before log-softmax, sampling and output masks (service/engine/generate.py, service/engine/fill/forward.py).
 """
 
 from __future__ import annotations

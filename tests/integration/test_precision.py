@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from service.engine.fill_mask import Row, forward_rows
 
 from service.app import create_app
 from service.config import Precision, Settings, load_settings
 from service.engine import precision as precision_mod
+from service.engine.fill.forward import forward_rows
+from service.engine.fill.search import Row
 from service.engine.generate import DecodeBatch
 from service.engine.loading import LoadedModel, load_model
 from service.engine.precision import DENSE_FROM_ROWS, Int8Linear, quantize_int8, resolve_precision
