@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.health import EngineDep
-from service.api.mask_store import mask_store
+from service.api.mask_store import MASKS_ID_HEADER, keep_report
 from service.api.protocol.generate import GenerateRequest, GenerateResponse
 from service.api.serving.generate import generate_job, generate_response, result_event, token_event
 from service.api.serving.reports import generate_report, token_decoder
@@ -27,7 +27,9 @@ router = APIRouter(tags=["generation"])
     summary="Generate text, with output masks",
     responses=sse_responses("JSON, or SSE if stream"),
 )
-async def generate(body: GenerateRequest, engine: EngineDep, request: Request) -> Response | GenerateResponse:
+async def generate(
+    body: GenerateRequest, engine: EngineDep, request: Request, reply: Response
+) -> Response | GenerateResponse:
     gen = engine.require_generation()
     job, encoded = generate_job(body, gen, engine.settings)
     handle = await gen.submit(job)
@@ -38,15 +40,22 @@ async def generate(body: GenerateRequest, engine: EngineDep, request: Request) -
     def report(dense: bool) -> dict[str, Any]:
         return generate_report(job, encoded, decode, dense=dense, result=outcome.get("result"))
 
-    mask_store(request).put(job.request_id, report)
+    kept = (
+        {MASKS_ID_HEADER: job.request_id}
+        if keep_report(request, job.request_id, report, asked=body.return_masks)
+        else {}
+    )
     if body.stream:
-        return EventStream(_stream(handle, body.top_logprobs > 0), handle)
+        stream = EventStream(_stream(handle, body.top_logprobs > 0), handle)
+        stream.headers.update(kept)
+        return stream
     outcome["result"] = await result_or_cancel(handle, request)
     response = generate_response(outcome["result"], model, body.top_logprobs > 0)
     if not body.return_masks:
+        reply.headers.update(kept)  # merged into the answer FastAPI renders from ``response``
         return response
     response.masks = report(False)
-    return JSONResponse(response.model_dump(mode="json"))
+    return JSONResponse(response.model_dump(mode="json"), headers=kept)
 
 
 async def _stream(handle: GenerationHandle, with_top: bool) -> AsyncIterator[dict[str, Any]]:

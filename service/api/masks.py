@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from service.api.health import EngineDep
-from service.api.mask_store import mask_store
+from service.api.mask_store import client_key, mask_store
 from service.api.protocol.fill_mask import FillMaskRequest
 from service.api.protocol.generate import GenerateRequest
 from service.api.protocol.masks import Format, MasksRequest, Picture
@@ -121,7 +121,11 @@ async def masks_dry_run(
 async def masks_of_request(
     request_id: str, request: Request, format: Format = Query("json"), dense: bool = Query(False)
 ) -> Response:
-    build = mask_store(request).get(request_id)
-    if build is None:
-        raise NotFound(f"no recent request has id {request_id!r} (only the last few are kept)", param="request_id")
+    build = mask_store(request).get(request_id, client_key(request))
+    if build is None:  # another client's request answers the same: its existence is not revealed
+        raise NotFound(
+            f"no recent request of yours has id {request_id!r} (only the last few are kept; without API keys, "
+            "only those that asked for return_masks)",
+            param="request_id",
+        )
     return render(build(dense), format)  # attention weights only on the dry run: they cost a forward

@@ -43,9 +43,12 @@ async def reject_unencodable_text(request: Request) -> None:
     """App-wide dependency: 400 naming the field whose text has no UTF-8 form (see the module docstring)."""
     if request.method not in {"POST", "PUT", "PATCH"}:
         return
+    raw = await request.body()  # a failed read (e.g. over MASKSERVE_MAX_BODY_BYTES) propagates: it is answered
+    if not raw:
+        return
     try:
-        body = await request.json()  # parsed once: Starlette caches it for the route's own body field
-    except Exception:
+        body = await request.json()  # cached by Starlette: the route's body field parsed it already
+    except ValueError:
         return  # not JSON (or malformed): the route's own parsing answers that
     found = first_unencodable(body)
     if found is not None:

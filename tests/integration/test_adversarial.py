@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.mask_store import MaskStore
 from service.config import Settings
 from service.engine.loading import LoadedModel
 from tests.integration.apps import create_test_app
@@ -89,3 +90,58 @@ def test_raw_bytes_that_are_not_utf8_are_a_400(client: TestClient) -> None:
 def test_valid_text_beyond_the_bmp_still_works(client: TestClient) -> None:
     r = post(client, "/v1/generate", {**GEN, "prompt": "\U0001f600 \u00e9"})
     assert r.status_code == 200, r.text
+
+
+# --- masks are private ------------------------------------------------------------------------------------------
+
+
+def test_without_keys_only_asked_for_masks_are_kept_under_a_server_id(client: TestClient) -> None:
+    plain = post(client, "/v1/generate", GEN)
+    assert plain.status_code == 200
+    assert "x-masks-id" not in plain.headers
+    assert client.get(f"/v1/masks/{plain.json()['id']}").status_code == 404  # not asked for: not kept
+    asked = post(client, "/v1/generate", {**GEN, "return_masks": True})
+    gen_id = asked.json()["id"]
+    assert asked.headers["x-masks-id"] == gen_id
+    assert client.get(f"/v1/masks/{gen_id}").json()["tokens"] == asked.json()["masks"]["tokens"]
+
+
+def test_a_clients_request_id_is_a_label_never_the_storage_key(client: TestClient) -> None:
+    body = {"inputs": FILL, "return_masks": True}
+    first = post(client, "/v1/fill-mask", body, headers={"X-Request-ID": "req-1"})
+    second = post(client, "/v1/fill-mask", {**body, "inputs": f"A {MASK}."}, headers={"X-Request-ID": "req-1"})
+    assert first.headers["x-request-id"] == second.headers["x-request-id"] == "req-1"  # echoed for correlation
+    assert client.get("/v1/masks/req-1").status_code == 404
+    ids = [first.json()["id"], second.json()["id"]]
+    assert ids[0] != ids[1]
+    assert all(i.startswith("fm-") and len(i) == 35 for i in ids)  # fm- + 128 random bits in hex
+    kept = [client.get(f"/v1/masks/{i}").json()["text"] for i in ids]
+    assert kept == [FILL, f"A {MASK}."]  # the second did not overwrite the first
+
+
+def test_with_keys_masks_are_served_only_to_the_same_key(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
+    with TestClient(create_test_app(mntp_settings.model_copy(update={"api_keys": ["key-a", "key-b"]}), tiny_mntp)) as c:
+        private = post(c, "/v1/generate", {**GEN, "prompt": "my secret"}, headers=a)
+        assert private.status_code == 200
+        request_id = private.json()["id"]
+        assert private.headers["x-masks-id"] == request_id  # with keys every request's report is kept
+        stolen = c.get(f"/v1/masks/{request_id}", headers=b)
+        assert stolen.status_code == 404
+        assert "secret" not in stolen.text
+        assert c.get(f"/v1/masks/{request_id}", headers=a).json()["text"] == "my secret"
+        filled = post(c, "/v1/fill-mask", {"inputs": FILL}, headers=a)
+        fm_id = filled.headers["x-masks-id"]
+        assert c.get(f"/v1/masks/{fm_id}", headers=b).status_code == 404
+        assert c.get(f"/v1/masks/{fm_id}", headers=a).status_code == 200
+
+
+def test_a_stored_report_cannot_be_overwritten() -> None:
+    store = MaskStore(4)
+    assert store.put("gen-1", lambda dense: {"who": "first"}, owner="a")
+    assert not store.put("gen-1", lambda dense: {"who": "second"}, owner="a")
+    assert not store.put("gen-1", lambda dense: {"who": "third"}, owner="b")
+    report = store.get("gen-1", "a")
+    assert report is not None
+    assert report(False) == {"who": "first"}
+    assert store.get("gen-1", "b") is None
