@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.mask_store import MaskStore
 from service.config import Settings
@@ -145,3 +147,28 @@ def test_a_stored_report_cannot_be_overwritten() -> None:
     assert report is not None
     assert report(False) == {"who": "first"}
     assert store.get("gen-1", "b") is None
+
+
+# --- gauges -----------------------------------------------------------------------------------------------------
+
+
+def gauges(client: TestClient) -> dict[tuple[str, str], float]:
+    values = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name in {"maskserve_running_requests", "maskserve_queue_depth"}:
+            for sample in family.samples:
+                values[(family.name, sample.labels["worker"])] = sample.value
+    return values
+
+
+def test_running_and_queued_gauges_return_to_zero_at_rest(client: TestClient) -> None:
+    fill = {"inputs": FILL, "parameters": {"whole_word": True, "top_k": 3}}
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda i: post(client, "/v1/fill-mask", fill), range(20)))
+        answers += list(pool.map(lambda i: post(client, "/v1/generate", GEN), range(8)))
+    assert [a.status_code for a in answers] == [200] * 28
+    values = gauges(client)
+    assert values[("maskserve_running_requests", "fill_mask")] == 0
+    assert values[("maskserve_queue_depth", "fill_mask")] == 0
+    assert values[("maskserve_running_requests", "generate")] == 0
+    assert values[("maskserve_queue_depth", "generate")] == 0

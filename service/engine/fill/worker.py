@@ -175,6 +175,9 @@ class FillMaskWorker:
                     else:
                         p.future.set_result(p.result)  # type: ignore[arg-type]
             self._active = self._retire(self._active, lambda p: p.finished)
+            # After the round, not only before it: once the last search finishes the gauge must read 0 at rest.
+            metrics.RUNNING.labels(WORKER).set(len(self._active))
+            metrics.QUEUE_DEPTH.labels(WORKER).set(self._queue.qsize())
 
     def _retire(self, active: list[_Pending], gone: Callable[[_Pending], bool]) -> list[_Pending]:
         kept = [p for p in active if not gone(p)]
