@@ -37,7 +37,8 @@ class _Pending:
     job: FillMaskJob
     future: asyncio.Future[FillMaskResult]
     search: Generator[list[Row], list[Tensor], FillMaskResult] | None = None
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # the rows the search's current step needs
+    done: list[Tensor] = field(default_factory=list)  # their outputs so far (a step may span several rounds)
     result: FillMaskResult | None = None
     error: BaseException | None = None
     abandoned: bool = False  # timed out or client gone: dropped before any further forward
@@ -195,15 +196,23 @@ class FillMaskWorker:
         live = [p for p in active if not p.finished]
         if not live:
             return
+        # At most max_fill_rows_per_round of each job's rows go into one round: a huge step is sliced across
+        # rounds, so other jobs and the decode ticks queued on the compute thread take turns in between, and a
+        # job abandoned meanwhile (client gone, timed out) is dropped before its next slice.
+        cap = self.settings.max_fill_rows_per_round
+        slices = {id(p): p.rows[len(p.done) : len(p.done) + cap] for p in live}
         try:
-            outs = self._compute(dict.fromkeys(row for p in live for row in p.rows))
+            outs = self._compute(dict.fromkeys(row for p in live for row in slices[id(p)]))
         except Exception as exc:  # a failed forward fails its round, not the worker
             log.exception("fill-mask forward failed")
             for p in live:
                 p.error = exc
             return
         for p in live:
-            self._advance(p, [outs[row] for row in p.rows])
+            p.done.extend(outs[row] for row in slices[id(p)])
+            if len(p.done) == len(p.rows):
+                step, p.done = p.done, []
+                self._advance(p, step)
 
     def _advance(self, p: _Pending, outs: list[Tensor] | None) -> None:
         assert p.search is not None
