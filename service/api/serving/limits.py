@@ -78,7 +78,8 @@ def check_grammar_cost(spec: OutputMaskSpec, settings: Settings) -> None:
     """Refuse a grammar too large to compile in bounded time (400 naming the field)."""
     if spec.regex is not None and len(spec.regex) > settings.max_regex_chars:
         raise InvalidRequest(
-            f"the regex has {len(spec.regex)} characters; at most {settings.max_regex_chars} (MASKSERVE_MAX_REGEX_CHARS)",
+            f"the regex has {len(spec.regex)} characters; at most {settings.max_regex_chars} "
+            "(MASKSERVE_MAX_REGEX_CHARS)",
             param=spec.param("regex"),
             code="too_costly",
         )
