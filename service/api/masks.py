@@ -47,6 +47,7 @@ async def plan(
         gen = engine.require_generation()
         job, encoded = generate_job(_parse(GenerateRequest, body), gen, engine.settings)
         job.request_id = request_id
+        await gen.prepare(job)  # a grammar compiles off the compute thread, within its time limit
         await engine.compute.run(gen.compile, job)
         return job, lambda dense: generate_report(job, encoded, decode, dense=dense)
     worker = engine.fill_mask_worker()

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.mask_store import MaskStore
 from service.config import Settings
+from service.engine.fill.codec import FillMaskCodec
 from service.engine.loading import LoadedModel
 from tests.integration.apps import create_test_app
 
@@ -41,7 +42,7 @@ def post(client: TestClient, url: str, body: dict[str, Any], **kw: Any) -> Any:
 
 FILL = f"The {MASK} barked."
 GEN = {"prompt": "Hello", "max_new_tokens": 2}
-CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+CHAT = {"model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 BAD_TEXT = [
     ("/v1/fill-mask", {"inputs": f"The {MASK} {LONE}"}, "inputs"),
     ("/v1/fill-mask", {"inputs": [FILL, f"{LONE} {MASK}"]}, "inputs[1]"),
@@ -172,3 +173,67 @@ def test_running_and_queued_gauges_return_to_zero_at_rest(client: TestClient) ->
     assert values[("maskserve_queue_depth", "fill_mask")] == 0
     assert values[("maskserve_running_requests", "generate")] == 0
     assert values[("maskserve_queue_depth", "generate")] == 0
+
+
+# --- bounded cost, priced at admission --------------------------------------------------------------------------
+
+
+def schema(n: int, prefix: str = "p") -> dict[str, Any]:
+    return {"type": "object", "properties": {f"{prefix}{i}": {"type": "integer"} for i in range(n)}}
+
+
+def assert_refused(r: Any, param: str, code: str = "too_costly") -> None:
+    assert r.status_code == 400, r.text
+    assert (r.json()["error"]["param"], r.json()["error"]["code"]) == (param, code)
+
+
+def test_a_thousand_inputs_are_refused_before_any_work(client: TestClient) -> None:
+    body = {"inputs": [f"The {MASK} " * 8] * 1000, "parameters": {"whole_word": True, "top_k": 100}}
+    assert_refused(post(client, "/v1/fill-mask", body), "inputs")
+
+
+def test_eight_whole_word_masks_at_top_k_100_are_refused(client: TestClient) -> None:
+    body = {"inputs": f"The {MASK} " * 8, "parameters": {"whole_word": True, "top_k": 100}}
+    r = post(client, "/v1/fill-mask", body)
+    assert_refused(r, "parameters.top_k")
+    assert "4832 sequences" in r.json()["error"]["message"]  # 8 masks x (4 + 100 x 4 x 3 / 2)
+
+
+def test_targets_are_priced_by_their_sub_tokens(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    codec = FillMaskCodec(tiny_mntp, mntp_settings)
+    encoded = [codec.encode_target(w, "t", 4) for w in ("dog", "cat")]
+    pieces = sum(max(len(t.spaced), len(t.bare)) for t in encoded)  # a row per sub-token, either spelling
+    app = create_test_app(mntp_settings.model_copy(update={"max_fill_rows": pieces}), tiny_mntp)
+    with TestClient(app) as c:
+        body = {"inputs": f"a {MASK} and {MASK}", "parameters": {"targets": ["dog", "cat"]}}
+        r = post(c, "/v1/fill-mask", body)
+        assert_refused(r, "parameters.targets")
+        assert f"forward {2 * pieces} sequences" in r.json()["error"]["message"]
+        assert post(c, "/v1/fill-mask", {**body, "inputs": f"a {MASK}"}).status_code == 200
+
+
+def test_a_schema_of_3000_properties_is_refused_on_every_route(client: TestClient) -> None:
+    big = schema(3000)
+    assert_refused(post(client, "/v1/generate", {**GEN, "json_schema": big}), "json_schema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": big}}
+    chat = {**CHAT, "model": client.app.state.engine.model_id, "response_format": fmt}  # type: ignore[attr-defined]
+    assert_refused(post(client, "/v1/chat/completions", chat), "response_format.json_schema.schema")
+    dry = {"endpoint": "generate", "request": {**GEN, "json_schema": schema(300)}}
+    assert_refused(post(client, "/v1/masks", dry), "json_schema")
+    assert_refused(post(client, "/v1/generate", {**GEN, "regex": "a" * 2000}), "regex")
+
+
+def test_a_grammar_that_does_not_compile_in_time_is_a_400(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    app = create_test_app(mntp_settings.model_copy(update={"grammar_compile_timeout_s": 1e-6}), tiny_mntp)
+    with TestClient(app) as c:
+        r = post(c, "/v1/generate", {**GEN, "json_schema": schema(40, "slow")})
+        assert_refused(r, "json_schema", "grammar_timeout")
+        assert post(c, "/v1/generate", GEN).status_code == 200  # the server goes on
+
+
+def test_new_property_names_do_not_grow_the_grammar_cache(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    app = create_test_app(mntp_settings.model_copy(update={"grammar_cache_size": 3}), tiny_mntp)
+    with TestClient(app) as c:
+        for i in range(8):
+            assert post(c, "/v1/generate", {**GEN, "json_schema": schema(3, f"n{i}_")}).status_code == 200
+        assert len(app.state.engine.require_generation().vocab.grammars) == 3
