@@ -8,10 +8,12 @@ meanwhile; grammar compiles run off the compute thread, with a time limit.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.api.mask_store import MaskStore
 from service.config import Settings
 from service.engine.fill.codec import FillMaskCodec
+from service.engine.fill.worker import WORKER
 from service.engine.loading import LoadedModel
 from tests.integration.apps import create_test_app
 
@@ -237,3 +240,64 @@ def test_new_property_names_do_not_grow_the_grammar_cache(mntp_settings: Setting
         for i in range(8):
             assert post(c, "/v1/generate", {**GEN, "json_schema": schema(3, f"n{i}_")}).status_code == 200
         assert len(app.state.engine.require_generation().vocab.grammars) == 3
+
+
+# --- fairness and cancellation ----------------------------------------------------------------------------------
+
+COSTLY = {"inputs": f"The {MASK} " * 8, "parameters": {"whole_word": True, "top_k": 20}}  # 992 rows, admitted
+CHEAP = {"inputs": FILL}
+
+
+def fill_forwards(client: TestClient) -> float:
+    """Forwards the fill-mask worker has run (the batch-size histogram's count)."""
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        if family.name == "maskserve_batch_size":
+            return sum(s.value for s in family.samples if s.name.endswith("_count") and s.labels["worker"] == WORKER)
+    return 0.0
+
+
+def wait_until_running(client: TestClient, worker: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while gauges(client).get(("maskserve_running_requests", worker), 0) < 1:
+        assert time.monotonic() < deadline, "the costly request never started"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def sliced(mntp_settings: Settings, tiny_mntp: LoadedModel) -> Iterator[TestClient]:
+    """One row of a job per round: the costly request takes ~1000 rounds, so others visibly interleave."""
+    settings = mntp_settings.model_copy(update={"max_fill_rows_per_round": 1})
+    with TestClient(create_test_app(settings, loaded=tiny_mntp)) as c:
+        yield c
+
+
+def test_a_cheap_fill_mask_answers_while_a_costly_one_runs(sliced: TestClient) -> None:
+    rss_before = psutil.Process().memory_info().rss
+    with ThreadPoolExecutor(2) as pool:
+        costly = pool.submit(post, sliced, "/v1/fill-mask", COSTLY)
+        wait_until_running(sliced, WORKER)
+        started = time.monotonic()
+        cheap = post(sliced, "/v1/fill-mask", CHEAP)
+        took = time.monotonic() - started
+        assert cheap.status_code == 200
+        assert not costly.done()  # answered between the costly one's slices, not after it
+        gen = post(sliced, "/v1/generate", GEN)  # decode ticks take turns on the compute thread too
+        assert gen.status_code == 200
+        assert not costly.done()
+        assert costly.result().status_code == 200
+    assert took < 10  # a stall would be the costly request's whole duration; generous, so it cannot flake
+    assert psutil.Process().memory_info().rss - rss_before < 500 * 2**20
+
+
+def test_a_timed_out_fill_mask_stops_between_slices(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    settings = mntp_settings.model_copy(update={"max_fill_rows_per_round": 1, "request_timeout_s": 0.3})
+    with TestClient(create_test_app(settings, loaded=tiny_mntp)) as c:
+        r = post(c, "/v1/fill-mask", COSTLY)
+        assert r.status_code == 504
+        time.sleep(0.2)  # the round in flight when it timed out may still finish
+        after = fill_forwards(c)
+        time.sleep(0.5)
+        assert fill_forwards(c) == after  # no further slice ran
+        values = gauges(c)
+        assert values[("maskserve_running_requests", WORKER)] == 0
+        assert post(c, "/v1/fill-mask", CHEAP).status_code == 200
