@@ -301,3 +301,22 @@ def test_a_timed_out_fill_mask_stops_between_slices(mntp_settings: Settings, tin
         values = gauges(c)
         assert values[("maskserve_running_requests", WORKER)] == 0
         assert post(c, "/v1/fill-mask", CHEAP).status_code == 200
+
+
+def test_costly_jobs_run_together_only_within_the_row_budget(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    """Each running job holds its current step's outputs: two costly ones beyond MASKSERVE_MAX_FILL_ROWS take
+    turns (one waits, counted as queued), so a round's memory stays bounded; a cheap one still joins at once."""
+    settings = mntp_settings.model_copy(update={"max_fill_rows_per_round": 1, "max_fill_rows": 130})
+    one = {"inputs": f"The {MASK} barked.", "parameters": {"whole_word": True, "top_k": 20}}  # 4 + 20 x 6 = 124
+    with TestClient(create_test_app(settings, loaded=tiny_mntp)) as c, ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(post, c, "/v1/fill-mask", one) for _ in range(2)]
+        seen = []
+        while not all(j.done() for j in jobs):
+            values = gauges(c)
+            key = ("maskserve_running_requests", WORKER), ("maskserve_queue_depth", WORKER)
+            seen.append((values.get(key[0], 0), values.get(key[1], 0)))
+            if len(seen) == 3:
+                assert post(c, "/v1/fill-mask", CHEAP).status_code == 200
+        assert [j.result().status_code for j in jobs] == [200, 200]
+    assert max(running for running, _ in seen) == 1  # never both costly at once (the cheap one is not sampled)
+    assert (1, 1) in seen  # one ran while the other waited

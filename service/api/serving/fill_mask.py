@@ -92,6 +92,7 @@ def fill_mask_job(body: FillMaskRequest, codec: FillMaskCodec, settings: Setting
         whole_word=p.whole_word,
         max_word_tokens=max_words if p.whole_word else 1,
         batched=batched,
+        rows=rows,
     )
 
 
