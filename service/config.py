@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         "or the targets' sub-tokens, or whole-word beams x widths (see docs/production.md).",
     )
     max_fill_rows_per_round: int = Field(
-        64, ge=1, description="Most of one request's sequences forwarded in one round; the rest wait for the next."
+        16, ge=1, description="Most of one request's sequences forwarded in one round; the rest wait for the next."
     )
 
     # --- generation --------------------------------------------------------------------------------------
