@@ -6,13 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp
 
 from service import docs_pages
 from service.api import fill_mask, generate, health, masks, metrics, openai, playground
 from service.api.mask_store import MaskStore
 from service.api.openapi import document_errors
+from service.api.text import reject_unencodable_text
 from service.config import Settings, load_settings
 from service.engine.core import Engine
 from service.engine.loading import LoadedModel
@@ -52,7 +53,13 @@ def create_app(settings: Settings | None = None, *, loaded: LoadedModel | None =
             await engine.stop()
 
     app = ServiceApp(
-        title="maskserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+        title="maskserve",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        dependencies=[Depends(reject_unencodable_text)],  # text the tokenizer cannot take: 400, for every route
     )
     app.state.engine = engine
     app.state.settings = settings

@@ -82,6 +82,17 @@ class Settings(BaseSettings):
     max_masks_per_input: int = Field(8, ge=1, le=64, description="Most mask tokens in one fill-mask input.")
     max_top_k: int = Field(100, ge=1, le=10_000, description="Upper limit of a fill-mask request's top_k.")
     max_word_tokens: int = Field(4, ge=1, le=8, description="Most sub-tokens a whole-word prediction fills.")
+    max_fill_inputs: int = Field(64, ge=1, description="Most texts in one fill-mask 'inputs' list.")
+    max_targets: int = Field(100, ge=1, le=10_000, description="Most words in one fill-mask 'targets' list.")
+    max_fill_rows: int = Field(
+        2048,
+        ge=1,
+        description="Most sequences one fill-mask request may forward in all, priced at admission: per mask 1, "
+        "or the targets' sub-tokens, or whole-word beams x widths (see docs/production.md).",
+    )
+    max_fill_rows_per_round: int = Field(
+        16, ge=1, description="Most of one request's sequences forwarded in one round; the rest wait for the next."
+    )
 
     # --- generation --------------------------------------------------------------------------------------
     max_new_tokens: int = Field(1024, ge=1, description="Upper limit a request may ask for.")
@@ -93,6 +104,14 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(300.0, gt=0, description="A request still unanswered after this fails.")
     grammar_cache_size: int = Field(64, ge=1, description="Compiled grammars kept (LRU).")
+    max_json_schema_bytes: int = Field(16_384, ge=64, description="Largest JSON schema accepted, in bytes.")
+    max_json_schema_properties: int = Field(
+        256, ge=1, description="Most properties a JSON schema may declare, all nesting levels together."
+    )
+    max_regex_chars: int = Field(1024, ge=1, description="Longest regex accepted, in characters.")
+    grammar_compile_timeout_s: float = Field(
+        10.0, gt=0, description="A grammar (regex, schema, choice) not compiled within this is refused (400)."
+    )
 
     # --- server ------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Address the HTTP service listens on (0.0.0.0 = every interface).")

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.health import EngineDep
-from service.api.mask_store import mask_store
+from service.api.mask_store import MASKS_ID_HEADER, keep_report
 from service.api.protocol.fill_mask import FILL_MASK_EXAMPLES, FillMaskRequest, FillMaskResponse, FillMaskWithMasks
 from service.api.serving.fill_mask import fill_mask_job, render_response
 from service.api.serving.reports import fill_mask_report, token_decoder
@@ -29,15 +29,20 @@ async def fill_mask(
 ) -> Response:
     worker = engine.fill_mask_worker()
     job = fill_mask_job(body, worker.codec, engine.settings)
-    job.request_id = str(getattr(request.state, "request_id", "")) or job.request_id
     worker.compile(job)
     loaded = engine.require()
 
     def report(dense: bool) -> dict[str, Any]:
         return fill_mask_report(job, loaded.mask_token or "", token_decoder(loaded.tokenizer), loaded.mntp, dense=dense)
 
-    mask_store(request).put(job.request_id, report)
+    # The report is kept under the job's own server-made id, never the client's X-Request-ID (a guessable label).
+    kept = (
+        {MASKS_ID_HEADER: job.request_id}
+        if keep_report(request, job.request_id, report, asked=body.return_masks)
+        else {}
+    )
     result = await worker.submit(job, client_gone=lambda: disconnected(request))
     if body.return_masks:
-        return JSONResponse({"results": render_response(job, result), "masks": report(False)})
-    return JSONResponse(render_response(job, result))
+        answer = {"id": job.request_id, "results": render_response(job, result), "masks": report(False)}
+        return JSONResponse(answer, headers=kept)
+    return JSONResponse(render_response(job, result), headers=kept)

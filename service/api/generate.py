@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.api.health import EngineDep
-from service.api.mask_store import mask_store
+from service.api.mask_store import MASKS_ID_HEADER, keep_report
 from service.api.protocol.generate import GenerateChoicesResponse, GenerateRequest, GenerateResponse
 from service.api.serving.generate import (
     generate_choices_response,
@@ -36,7 +36,7 @@ router = APIRouter(tags=["generation"])
     responses=sse_responses("JSON, or SSE if stream"),
 )
 async def generate(
-    body: GenerateRequest, engine: EngineDep, request: Request
+    body: GenerateRequest, engine: EngineDep, request: Request, reply: Response
 ) -> Response | GenerateResponse | GenerateChoicesResponse:
     gen = engine.require_generation()
     job, encoded = generate_job(body, gen, engine.settings)
@@ -48,9 +48,15 @@ async def generate(
     def report(dense: bool) -> dict[str, Any]:
         return generate_report(job, encoded, decode, dense=dense, result=outcome.get("result"))
 
-    mask_store(request).put(job.request_id, report)
+    kept = (
+        {MASKS_ID_HEADER: job.request_id}
+        if keep_report(request, job.request_id, report, asked=body.return_masks)
+        else {}
+    )
     if body.stream:
-        return EventStream(_stream(handle, body.top_logprobs > 0), handle)
+        stream = EventStream(_stream(handle, body.top_logprobs > 0), handle)
+        stream.headers.update(kept)
+        return stream
     results = await results_or_cancel(handle, request)
     outcome["result"] = results[0]  # the report's output steps: sequence 0's
     with_top = body.top_logprobs > 0
@@ -60,9 +66,10 @@ async def generate(
         else generate_choices_response(results, model, with_top)
     )
     if not body.return_masks:
+        reply.headers.update(kept)  # merged into the answer FastAPI renders from ``response``
         return response
     response.masks = report(False)
-    return JSONResponse(response.model_dump(mode="json"))
+    return JSONResponse(response.model_dump(mode="json"), headers=kept)
 
 
 async def _stream(handle: GenerationHandle, with_top: bool) -> AsyncIterator[dict[str, Any]]:

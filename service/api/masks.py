@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from service.api.health import EngineDep
-from service.api.mask_store import mask_store
+from service.api.mask_store import client_key, mask_store
 from service.api.protocol.fill_mask import FillMaskRequest
 from service.api.protocol.generate import GenerateRequest
 from service.api.protocol.masks import Format, MasksRequest, Picture
@@ -47,6 +47,7 @@ async def plan(
         gen = engine.require_generation()
         job, encoded = generate_job(_parse(GenerateRequest, body), gen, engine.settings)
         job.request_id = request_id
+        await gen.prepare(job)  # a grammar compiles off the compute thread, within its time limit
         await engine.compute.run(gen.compile, job)
         return job, lambda dense: generate_report(job, encoded, decode, dense=dense)
     worker = engine.fill_mask_worker()
@@ -144,9 +145,13 @@ async def masks_of_request(
         "mask", description="With format=png: the attention mask, or the output masks per decode step (output)."
     ),
 ) -> Response:
-    build = mask_store(request).get(request_id)
-    if build is None:
-        raise NotFound(f"no recent request has id {request_id!r} (only the last few are kept)", param="request_id")
+    build = mask_store(request).get(request_id, client_key(request))
+    if build is None:  # another client's request answers the same: its existence is not revealed
+        raise NotFound(
+            f"no recent request of yours has id {request_id!r} (only the last few are kept; without API keys, "
+            "only those that asked for return_masks)",
+            param="request_id",
+        )
     if picture == "weights":
         raise InvalidRequest("attention weights are drawn on the dry run only (POST /v1/masks)", param="picture")
     return render(build(dense), format, picture)  # attention weights only on the dry run: they cost a forward

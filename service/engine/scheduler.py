@@ -37,6 +37,7 @@ from service.engine.generate import (
 from service.engine.loading import LoadedModel
 from service.engine.vocab import ModelVocab
 from service.errors import ClientGone, InvalidRequest, MaskserveError, NotReady, Overloaded, RequestTimeout
+from service.masks.output import grammar_source
 from service.metrics import BATCH_SIZE, GENERATED_TOKENS, MASKS_APPLIED, PROMPT_TOKENS, QUEUE_DEPTH, REJECTED, RUNNING
 
 log = logging.getLogger("maskserve.generate")
@@ -168,6 +169,7 @@ class GenerationScheduler:
             )
         n = job.params.n
         self._refuse_if_full(n)  # before compiling: a full server should answer fast
+        await self.prepare(job)
         await self._compute.run(self.compile, job)
         # n sequences of one request: one seed for all (seed + i each), queued side by side, admitted together
         base = job.params.seed if job.params.seed is not None else secrets.randbits(63)
@@ -186,6 +188,27 @@ class GenerationScheduler:
         for kind in job.mask_kinds:
             MASKS_APPLIED.labels(kind).inc()
         return handle
+
+    async def prepare(self, job: GenerationJob) -> None:
+        """Compile the job's regex or JSON grammar off the compute thread, within
+        MASKSERVE_GRAMMAR_COMPILE_TIMEOUT_S (else InvalidRequest naming the field), so that :meth:`compile`,
+        on the compute thread, finds it in the cache instead of stalling every other request."""
+        found = grammar_source(job.output_mask)  # MaskError (400) for a malformed schema
+        if found is None:
+            return
+        kind, source, param = found
+        limit = self.settings.grammar_compile_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.vocab.grammars.prepare(kind, source)), limit)
+        except TimeoutError:
+            raise InvalidRequest(
+                f"'{param}' did not compile within {limit:g} s (MASKSERVE_GRAMMAR_COMPILE_TIMEOUT_S); "
+                "send a simpler grammar",
+                param=param,
+                code="grammar_timeout",
+            ) from None
+        except RuntimeError:
+            pass  # an invalid grammar: compile() reports it, naming the field
 
     def compile(self, job: GenerationJob) -> None:
         """Compile the job's masks once (run it on the compute thread); raises MaskError naming the field."""

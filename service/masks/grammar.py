@@ -6,6 +6,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import xgrammar as xgr
 
@@ -19,6 +20,14 @@ class GrammarCache:
         self._items: OrderedDict[tuple[str, str], xgr.CompiledGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
+        # Compiles ahead of a job run here, never on the compute thread: a large schema takes seconds (issue 12).
+        # xgrammar cannot be interrupted, so one that overruns its time limit finishes here while its request
+        # is refused; the size limits at admission bound how long that can be.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="maskserve-grammar")
+
+    def prepare(self, kind: str, source: str) -> Future[xgr.CompiledGrammar]:
+        """Compile (or find) a grammar on the grammar thread; the job's own compile then finds it cached."""
+        return self._pool.submit(self.get, kind, source)
 
     def __len__(self) -> int:
         return len(self._items)

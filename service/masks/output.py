@@ -263,6 +263,14 @@ def _compile_grammar(
         raise MaskError(param, f"cannot be compiled: {reason}") from None
 
 
+def grammar_source(spec: OutputMaskSpec) -> tuple[str, str, str] | None:
+    """(kind, source, param) of a regex or JSON grammar, to compile ahead, off the compute thread; None for
+    none, for a choice (its source depends on the bad words; small) or for several (compile reports that)."""
+    if spec.choice is not None or sum((spec.regex is not None, spec.json_schema is not None, spec.json_object)) != 1:
+        return None
+    return _grammar_source(spec, None)
+
+
 def _grammar_source(spec: OutputMaskSpec, bad: BadWords | None) -> tuple[str, str, str]:
     if spec.choice is not None:
         param = spec.param("choice")

@@ -182,7 +182,8 @@ def test_fill_mask_masks(bert_settings: Settings, tiny_bert: LoadedModel) -> Non
         assert report["attention"]["rows"] == [[[0, n]]] * n
         answered = c.post("/v1/fill-mask", json={"inputs": "the dog [MASK] the red ball.", "return_masks": True})
         assert answered.status_code == 200
-        assert set(answered.json()) == {"results", "masks"}
+        assert set(answered.json()) == {"id", "results", "masks"}
+        assert answered.json()["id"] == answered.headers["x-masks-id"]
         assert answered.json()["masks"]["input"] == report["input"]
         png = c.post("/v1/masks?format=png", json={"endpoint": "fill-mask", "request": {"inputs": "a [MASK]."}})
         assert png.headers["content-type"] == "image/png"

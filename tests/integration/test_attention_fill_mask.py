@@ -232,7 +232,7 @@ def test_reports_of_emphasis_on_chosen_layers(model_client: tuple[TestClient, Lo
     (span,) = masks["attention"]["constraints"]["emphasis"]
     assert masks["attention"]["key_bias"][span[0]] == 0.0  # an emphasized key
     assert masks["attention"]["key_bias"][span[1]] == pytest.approx(-math.log(3.0))  # the default factor
-    kept = client.get(f"/v1/masks/{answered.headers['x-request-id']}")
+    kept = client.get(f"/v1/masks/{answered.json()['id']}")
     assert kept.status_code == 200
     assert kept.json()["attention"] == masks["attention"]
     dry = client.post("/v1/masks", json={"endpoint": "fill-mask", "request": request, "attention_weights": True})

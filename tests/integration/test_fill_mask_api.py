@@ -259,7 +259,7 @@ def test_parameters_null_and_options_are_accepted(bert: TestClient, expected_one
         (
             {"inputs": "[MASK]", "parameters": {"targets": ["dog"] * 101}},
             400,
-            error("'parameters.targets' has 101 words; at most 100 (MASKSERVE_MAX_TOP_K)", "parameters.targets"),
+            error("'parameters.targets' has 101 words; at most 100 (MASKSERVE_MAX_TARGETS)", "parameters.targets"),
         ),
         (
             {"inputs": "[MASK]", "parameters": {"targets": ["dog", "new york"]}},

@@ -107,6 +107,7 @@ FillMaskResponse = (
 class FillMaskWithMasks(BaseModel):
     """The answer with ``return_masks``: the usual answer under ``results``, the applied masks beside it."""
 
+    id: str = Field(description="The server's id of this request: GET /v1/masks/{id} serves its masks again.")
     results: FillMaskResponse
     masks: dict[str, Any]
 

@@ -8,6 +8,7 @@ from typing import Any
 from service.api.protocol.attention import AttentionSpec
 from service.api.protocol.fill_mask import FillMaskRequest
 from service.api.serving.attention import to_constraints
+from service.api.serving.limits import check_fill_cost, fill_rows
 from service.config import Settings
 from service.engine.fill.codec import FillMaskCodec
 from service.engine.fill.job import FillCandidate, FillInput, FillMaskJob, FillMaskResult
@@ -43,6 +44,12 @@ def fill_mask_job(body: FillMaskRequest, codec: FillMaskCodec, settings: Setting
             "attention spans are character ranges of one text; send 'inputs' as a single string",
             param="attention",
         )
+    if len(texts) > settings.max_fill_inputs:
+        raise InvalidRequest(
+            f"'inputs' has {len(texts)} texts; at most {settings.max_fill_inputs} (MASKSERVE_MAX_FILL_INPUTS)",
+            param="inputs",
+            code="too_costly",
+        )
     inputs = [codec.encode(t, f"inputs[{i}]" if batched else "inputs") for i, t in enumerate(texts)]
     if body.attention is not None:
         inputs = [constrain(inputs[0], body.attention, codec)]
@@ -53,9 +60,10 @@ def fill_mask_job(body: FillMaskRequest, codec: FillMaskCodec, settings: Setting
                 "'parameters.targets' is empty; give at least one word, or leave it out",
                 param="parameters.targets",
             )
-        if len(p.targets) > settings.max_top_k:
+        if len(p.targets) > settings.max_targets:
             raise InvalidRequest(
-                f"'parameters.targets' has {len(p.targets)} words; at most {settings.max_top_k} (MASKSERVE_MAX_TOP_K)",
+                f"'parameters.targets' has {len(p.targets)} words; at most {settings.max_targets} "
+                "(MASKSERVE_MAX_TARGETS)",
                 param="parameters.targets",
             )
         encoded = [
@@ -74,13 +82,17 @@ def fill_mask_job(body: FillMaskRequest, codec: FillMaskCodec, settings: Setting
                 f"the model's {codec.max_length}",
                 param=param,
             )
+    top_k = min(p.top_k, len(targets)) if targets else p.top_k
+    rows = fill_rows(inputs, top_k=top_k, targets=targets, whole_word=p.whole_word, max_pieces=max_words)
+    check_fill_cost(rows, settings, whole_word=p.whole_word, targets=targets is not None, n_inputs=len(inputs))
     return FillMaskJob(
         inputs=inputs,
-        top_k=min(p.top_k, len(targets)) if targets else p.top_k,
+        top_k=top_k,
         targets=targets,
         whole_word=p.whole_word,
         max_word_tokens=max_words if p.whole_word else 1,
         batched=batched,
+        rows=rows,
     )
 
 

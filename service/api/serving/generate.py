@@ -26,6 +26,7 @@ from service.api.protocol.generate import (
     Usage,
 )
 from service.api.serving.attention import message_spans, to_constraints
+from service.api.serving.limits import check_grammar_cost
 from service.config import Settings
 from service.engine.generate import GenerationJob, GenerationResult, TokenEvent, TokenInfo
 from service.engine.params import SamplingParams
@@ -154,6 +155,7 @@ def generation_job(
             "MASKSERVE_MAX_RUNNING_REQUESTS)",
             param="n",
         )
+    check_grammar_cost(spec, settings)
     if spec.min_tokens > max_new:
         raise InvalidRequest(f"min_tokens ({spec.min_tokens}) exceeds {max_param} ({max_new})", param="min_tokens")
     params = SamplingParams(

@@ -51,6 +51,7 @@ class FillMaskJob:
     whole_word: bool = False
     max_word_tokens: int = 1
     batched: bool = False  # ``inputs`` was a list: the response has one entry per input
+    rows: int = 0  # its admitted cost: sequences forwarded in all (api/serving/limits.py; 0: not priced)
     request_id: str = field(default_factory=lambda: f"fm-{uuid4().hex}")
 
     @property

@@ -37,7 +37,8 @@ class _Pending:
     job: FillMaskJob
     future: asyncio.Future[FillMaskResult]
     search: Generator[list[Row], list[Tensor], FillMaskResult] | None = None
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # the rows the search's current step needs
+    done: list[Tensor] = field(default_factory=list)  # their outputs so far (a step may span several rounds)
     result: FillMaskResult | None = None
     error: BaseException | None = None
     abandoned: bool = False  # timed out or client gone: dropped before any further forward
@@ -73,6 +74,7 @@ class FillMaskWorker:
         self._arrived = asyncio.Event()
         self._outstanding = 0  # queued + running
         self._active: list[_Pending] = []  # admitted: their searches advance one step per round
+        self._held: list[_Pending] = []  # taken from the queue, waiting for the row budget (see _fits)
         self._task: asyncio.Task[None] | None = None
         self._owns_compute = compute is None
         self._runner = compute or ComputeThread()
@@ -87,11 +89,12 @@ class FillMaskWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        waiting = self._active + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        waiting = self._active + self._held + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
         for pending in waiting:
             if not pending.future.done():
                 pending.future.set_exception(NotReady("the server is shutting down"))
         self._active = []
+        self._held = []
         if self._owns_compute:
             self._runner.shutdown()
 
@@ -139,14 +142,20 @@ class FillMaskWorker:
         loop = asyncio.get_running_loop()
         wait_s = self.settings.max_batch_wait_ms / 1000
         while True:
-            if not self._active:
-                self._active.append(await self._queue.get())
+            if not self._active and not self._held:
+                self._held.append(await self._queue.get())
                 deadline = loop.time() + wait_s  # a fresh batch: let concurrent requests join it
             else:
                 deadline = loop.time()  # searches mid-way go on at once, with whatever has queued meanwhile
+            self._held = self._retire(self._held, lambda p: p.abandoned)
             while len(self._active) < self.settings.max_batch_size:
+                ready = next((p for p in self._held if self._fits(p)), None)  # in arrival order
+                if ready is not None:
+                    self._held.remove(ready)
+                    self._active.append(ready)
+                    continue
                 if not self._queue.empty():
-                    self._active.append(self._queue.get_nowait())
+                    self._held.append(self._queue.get_nowait())
                     continue
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -158,7 +167,7 @@ class FillMaskWorker:
                 except TimeoutError:
                     break
             self._active = self._retire(self._active, lambda p: p.abandoned)
-            metrics.QUEUE_DEPTH.labels(WORKER).set(self._queue.qsize())
+            metrics.QUEUE_DEPTH.labels(WORKER).set(self._queue.qsize() + len(self._held))
             metrics.RUNNING.labels(WORKER).set(len(self._active))
             if not self._active:
                 continue
@@ -175,6 +184,20 @@ class FillMaskWorker:
                     else:
                         p.future.set_result(p.result)  # type: ignore[arg-type]
             self._active = self._retire(self._active, lambda p: p.finished)
+            # After the round, not only before it: once the last search finishes the gauge must read 0 at rest.
+            metrics.RUNNING.labels(WORKER).set(len(self._active))
+            metrics.QUEUE_DEPTH.labels(WORKER).set(self._queue.qsize() + len(self._held))
+
+    def _fits(self, p: _Pending) -> bool:
+        """Whether a job may join the running ones. Each running job keeps the outputs of its current step,
+        so costly jobs (more rows than one round takes of them) run together only while their admitted rows
+        fit MASKSERVE_MAX_FILL_ROWS; cheap ones always join, and a costly one always may when it is alone:
+        a round's memory stays bounded whatever arrives, and cheap requests never wait for costly ones."""
+        cap = self.settings.max_fill_rows_per_round
+        if p.job.rows <= cap:
+            return True
+        costly = sum(q.job.rows for q in self._active if q.job.rows > cap)
+        return costly == 0 or costly + p.job.rows <= self.settings.max_fill_rows
 
     def _retire(self, active: list[_Pending], gone: Callable[[_Pending], bool]) -> list[_Pending]:
         kept = [p for p in active if not gone(p)]
@@ -192,15 +215,23 @@ class FillMaskWorker:
         live = [p for p in active if not p.finished]
         if not live:
             return
+        # At most max_fill_rows_per_round of each job's rows go into one round: a huge step is sliced across
+        # rounds, so other jobs and the decode ticks queued on the compute thread take turns in between, and a
+        # job abandoned meanwhile (client gone, timed out) is dropped before its next slice.
+        cap = self.settings.max_fill_rows_per_round
+        slices = {id(p): p.rows[len(p.done) : len(p.done) + cap] for p in live}
         try:
-            outs = self._compute(dict.fromkeys(row for p in live for row in p.rows))
+            outs = self._compute(dict.fromkeys(row for p in live for row in slices[id(p)]))
         except Exception as exc:  # a failed forward fails its round, not the worker
             log.exception("fill-mask forward failed")
             for p in live:
                 p.error = exc
             return
         for p in live:
-            self._advance(p, [outs[row] for row in p.rows])
+            p.done.extend(outs[row] for row in slices[id(p)])
+            if len(p.done) == len(p.rows):
+                step, p.done = p.done, []
+                self._advance(p, step)
 
     def _advance(self, p: _Pending, outs: list[Tensor] | None) -> None:
         assert p.search is not None
