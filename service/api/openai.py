@@ -22,10 +22,14 @@ from service.api.serving.openai import (
     completion_response,
 )
 from service.api.sse import EventStream, results_or_cancel, sse_responses
+from service.errors import ErrorResponse
 
 router = APIRouter(tags=["openai"])
 
-STREAM = sse_responses("JSON, or SSE chunks then [DONE] if stream")
+STREAM = {
+    **sse_responses("JSON, or SSE chunks then [DONE] if stream"),
+    404: {"model": ErrorResponse, "description": "`model` is not the served model (`code: model_not_found`)"},
+}
 
 
 @router.post(

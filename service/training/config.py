@@ -97,7 +97,9 @@ class FinetuneConfig:
         choices=Autocast,
     )
     save_dtype: str = option(
-        DType.FLOAT16.value, "dtype of the adapter weights on disk", choices=(d for d in DType if d is not DType.AUTO)
+        DType.FLOAT16.value,
+        "dtype of the adapter weights on disk",
+        choices=(d for d in DType if d not in (DType.AUTO, DType.INT8)),
     )
     resume: bool = option(
         False, "continue from OUT's last checkpoint with OUT's saved settings (only --steps and --threads change)"
