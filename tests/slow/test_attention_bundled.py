@@ -42,7 +42,9 @@ FILL_AFTER = " The [MASK] barked at the mailman all morning."
 def test_fill_mask_constraints_on_the_bundled_model_with_the_shipped_adapter() -> None:
     """Exclusion and isolation invariance through the MNTP adapter (bidirectional reading); and emphasis
     named on every layer and head (the steering attention function) equals emphasis carried in the mask."""
-    with TestClient(create_app(load_settings(adapter="shipped"))) as client:
+    # float32: the isolation invariance below is exact there (1e-4); on the bfloat16/int8 fast path the two
+    # orders round differently by up to ~5e-3 in a score (tests/integration/test_precision.py states those).
+    with TestClient(create_app(load_settings(adapter="shipped", precision="float32"))) as client:
         model = client.app.state.engine.model  # type: ignore[attr-defined]
         tok = model.tokenizer
         assert len(tok(FILL_SPANS[0])["input_ids"]) == len(tok(FILL_SPANS[1])["input_ids"])
