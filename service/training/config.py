@@ -41,6 +41,11 @@ class FinetuneConfig:
     replace_prob: float = 0.8  # 80/10/10: mask token / random token / kept
     random_prob: float = 0.1
     mean_span: float = 3.0
+    # mntp: the token every sentence starts with ('' = the tokenizer's BOS). SmolLM2's BOS is an attention
+    # sink whose state hardly depends on the text, so a first word read there cannot depend on it either
+    # (docs/finetune.md); the newline token "Ċ" is not.
+    prefix_token: str = ""
+    first_word_prob: float = 0.0  # mlm/mntp: share of examples whose first word is masked too (sentence starts)
     prompt_loss_weight: float = 0.0  # sft: 0 = prompt tokens masked out of the loss ... 1 = full weight
     max_length: int = 64  # mlm/mntp: tokens per example (truncated)
     pack_length: int = 512  # sft: tokens per packed row

@@ -170,14 +170,16 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         obj = SftObjective(tokenizer, cfg.pack_length, cfg.prompt_loss_weight)
     else:
         mask_token = choose_mntp_mask_token(tokenizer)
-        prefix = tokenizer.bos_token if objective is Objective.MNTP else None
+        prefix = (cfg.prefix_token or tokenizer.bos_token) if objective is Objective.MNTP else None
+        if prefix is not None and prefix not in tokenizer.get_vocab():
+            raise ValueError(f"--prefix-token {prefix!r} is not a token of the vocabulary")
         if objective is Objective.MNTP and prefix is None:
             raise ValueError("mntp needs a tokenizer with a BOS token to prefix each sentence")
         meta.update(mask_token=mask_token, prefix_token=prefix)
         obj = MaskedObjective(
             tokenizer, cfg.masking(), token_id(tokenizer, mask_token),
             non_special_ids(tokenizer, vocab), cfg.max_length, shift=objective is Objective.MNTP,
-            prefix_id=token_id(tokenizer, prefix) if prefix else None,
+            prefix_id=token_id(tokenizer, prefix) if prefix else None, first_word_prob=cfg.first_word_prob,
         )  # fmt: skip
 
     examples = read_examples(Path(cfg.data), chat=objective is Objective.SFT)
