@@ -32,6 +32,7 @@ class FinetuneConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    init_adapter: str = ""  # start from this adapter's LoRA weights (same r and targets), e.g. the shipped one
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05

@@ -191,6 +191,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     targets: str | list[str] = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
     model = get_peft_model(base, lora).to(env.device)
+    if cfg.init_adapter and not cfg.resume:  # start from a trained adapter of the same shape (a checkpoint resumes)
+        from safetensors.torch import load_file
+
+        init = load_file(str(Path(cfg.init_adapter) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, {k: v.float() for k, v in init.items()})
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss_module = LossModule(model, decoder=kind is ModelKind.DECODER)
     ddp: nn.Module = loss_module

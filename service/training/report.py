@@ -64,7 +64,7 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
         )
         if config.get("first_word_prob"):
             lines.append(
-                f"- Sentence starts: the first word is masked as well in {config['first_word_prob']:.0%} of the examples"
+                f"- Sentence starts: the first word is masked as well in {config['first_word_prob']:.0%} of examples"
             )
         lines.append("- Attention mask: bidirectional over real tokens (padding masked)")
     if config["objective"] == "mntp":

@@ -93,7 +93,7 @@ def test_first_word_prob_masks_the_first_word_in_that_share_of_examples(llama_to
         obj.first_word_prob = prob
         items = obj.encode(texts)
         first = [i for i, w in enumerate(items[0].word_ids) if w == 0]  # the pieces of "the", after BOS
-        assert first and first[0] == 1
+        assert first[:1] == [1]
         batch = obj.collate(items, torch.Generator().manual_seed(0))
         hit = (batch.input_ids[:, first] == obj.mask_token_id).all(dim=1).float().mean().item()
         assert low <= hit <= high, (prob, hit)
