@@ -7,13 +7,20 @@ Sources (each sentence keeps no link to its source once mixed; the counts go to 
 - WordNet 3.0 gloss examples (Debian ``wordnet-base``, licence: WordNet 3.0 licence, a permissive
   BSD-style licence from Princeton University): the quoted examples after ``|`` in ``/usr/share/wordnet/data.*``,
   e.g. "the critic snorted contemptuously". Capitalized and given a full stop, like ordinary sentences.
+- WordNet 3.0 noun definitions (same package and licence): "<Noun> is <gloss>." for one-word nouns, their
+  first sense, e.g. "A dawn is the first light of day.", "Saturnalia is an orgiastic festival in ancient Rome
+  in honor of Saturn." Names come from the person, location, object, event and communication files only
+  (not Latin genera); no definition is headed by a cloze answer. They put nouns and names first in a
+  sentence, where the other sources mostly have "The", "A", "He", "I".
+- Sentences of the Debian ``fortunes`` data files (fortune-mod; BSD-3-Clause; not the offensive set), split
+  at sentence ends, 4-16 words, letters and plain punctuation only.
 - The English side of the Ding German-English dictionary (Debian ``trans-de-en``, licence: GPL-2+, Frank
   Richter, TU Chemnitz): its example sentences, e.g. "Dad drove the car and we kids rode in the back.".
   Only entries that are whole sentences (capital letter, final punctuation, 4-16 words, no "sth"/"sb"
   placeholders) are kept.
 
 The corpus is deduplicated, and every sentence that contains the context of a cloze item
-(service/data/cloze.tsv: the words on either side of ``[MASK]``) is dropped, so the evaluation never
+(every service/data/cloze*.tsv: the words on either side of ``[MASK]``) is dropped, so the evaluation never
 scores a sentence the adapter was trained on. The order is the sources' order; ``maskserve finetune``
 shuffles from its seed. Nothing here is committed: run the script to rebuild the file.
 """
@@ -29,8 +36,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGES = {"wordnet-base": "/usr/share/wordnet/data.noun", "trans-de-en": "/usr/share/trans/de-en"}
-CLOZE = Path(__file__).resolve().parent.parent / "service" / "data" / "cloze.tsv"
+PACKAGES = {
+    "wordnet-base": "/usr/share/wordnet/data.noun",
+    "trans-de-en": "/usr/share/trans/de-en",
+    "fortunes": "/usr/share/games/fortunes/fortunes",
+}
+DATA_DIR = Path(__file__).resolve().parent.parent / "service" / "data"
+FORTUNES = Path("/usr/share/games/fortunes")
+# Definitions are one sentence shape ("A piano is a keyboard instrument ..."): enough to put nouns and
+# names first in a sentence, not so many that the shape dominates.
+MAX_COMMON_GLOSSES = 10_000
 SOURCES = {
     "wordnet": {
         "package": "wordnet-base (Debian)",
@@ -41,6 +56,17 @@ SOURCES = {
         "package": "trans-de-en (Debian; Ding German-English dictionary)",
         "files": "/usr/share/trans/de-en: English example sentences",
         "license": "GPL-2+ (Frank Richter, TU Chemnitz)",
+    },
+    "wordnet_glosses": {
+        "package": "wordnet-base (Debian)",
+        "files": "/usr/share/wordnet/{index,data}.noun: the first sense's gloss of one-word nouns, as "
+        "'<Noun> is <gloss>.' ('Ostrava is an industrial city in northwestern Czech Republic ...')",
+        "license": "WordNet 3.0 License (Princeton University; permissive, BSD-style)",
+    },
+    "fortunes": {
+        "package": "fortunes (Debian; fortune-mod data files, not the offensive set)",
+        "files": "/usr/share/games/fortunes/*: sentences split from the fortunes",
+        "license": "BSD-3-Clause (fortune-mod, The Regents of the University of California)",
     },
 }
 
@@ -99,16 +125,91 @@ def ding_sentences() -> list[str]:
     return out
 
 
-def cloze_contexts(path: Path = CLOZE) -> list[tuple[str, str]]:
+def cloze_lines(data_dir: Path = DATA_DIR) -> list[list[str]]:
+    """The columns of every item of every cloze file (``service/data/cloze*.tsv``)."""
+    rows = []
+    for path in sorted(data_dir.glob("cloze*.tsv")):
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                rows.append(line.split("\t"))
+    return rows
+
+
+def _first_senses(index: Path) -> dict[str, str]:
+    """lemma -> the synset offset of its first (most frequent) sense, from a WordNet index file."""
+    first = {}
+    for line in index.read_text(encoding="latin-1").splitlines():
+        if line.startswith("  "):
+            continue
+        fields = line.split()
+        lemma, synsets = fields[0], int(fields[2])
+        first[lemma] = fields[-synsets]
+    return first
+
+
+# WordNet lexicographer files whose capitalized nouns are names people use: communication (languages, works),
+# event, location, object (planets, rivers), person. Animals, groups and plants hold Latin genera instead.
+NAME_LEXFILES = {"10", "11", "15", "17", "18"}
+GLOSS = re.compile(r"[A-Za-z][A-Za-z ,'\-]*[a-z]")
+
+
+def wordnet_glosses(excluded: set[str]) -> list[str]:
+    """'<Noun> is <gloss>.' for one-word nouns (first sense), names as written, common nouns with an article.
+
+    ``excluded`` (the cloze answers) never head a definition: "Jupiter is the largest planet ..." would
+    teach the facts the cloze set asks.
+    """
+    first = _first_senses(Path("/usr/share/wordnet/index.noun"))
+    names, common = [], []
+    for line in Path("/usr/share/wordnet/data.noun").read_text(encoding="latin-1").splitlines():
+        if line.startswith("  ") or "|" not in line:
+            continue
+        head, gloss = line.split("|", 1)
+        fields = head.split()
+        offset, lexfile, word = fields[0], fields[1], fields[4]
+        if not word.isalpha() or word.lower() in excluded or first.get(word.lower()) != offset:
+            continue
+        if word[0].isupper() and lexfile not in NAME_LEXFILES:  # Latin genera and families: "Stachys is ..."
+            continue
+        gloss = re.sub(r"\([^)]*\)", "", gloss.split(";", 1)[0]).strip()
+        gloss = " ".join(gloss.split())
+        if not GLOSS.fullmatch(gloss) or not 3 <= len(gloss.split()) <= 12:
+            continue
+        if word[0].isupper():
+            subject = word
+        else:
+            subject = ("An " if word[0] in "aeiou" else "A ") + word
+        if not gloss.startswith(("a ", "an ", "the ", "any ", "one ", "someone ", "something ")):
+            gloss = ("an " if gloss[0].lower() in "aeiou" else "a ") + gloss
+        (names if word[0].isupper() else common).append(f"{subject} is {gloss}.")
+    return names + common[:: max(1, len(common) // MAX_COMMON_GLOSSES + 1)][:MAX_COMMON_GLOSSES]
+
+
+def fortune_sentences() -> list[str]:
+    """Sentences of the (inoffensive) fortunes, each a line of its own."""
+    out = []
+    for path in sorted(FORTUNES.iterdir()):
+        if "." in path.name or not path.is_file():  # skip the .dat indexes and .u8 links
+            continue
+        for fortune in path.read_text(encoding="latin-1").split("\n%\n"):
+            text = " ".join(fortune.split())
+            for sentence in re.split(r"(?<=[.!?])\s+", text):
+                if SENTENCE.fullmatch(sentence) and MIN_WORDS <= len(sentence.split()) <= MAX_WORDS:
+                    out.append(sentence)
+    return out
+
+
+def cloze_contexts(rows: list[list[str]]) -> list[tuple[str, str]]:
     """(left, right) lower-cased contexts of each cloze item."""
     contexts = []
-    for line in path.read_text().splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        sentence = line.split("\t")[-2]
-        left, right = sentence.lower().split("[mask]")
+    for cols in rows:
+        left, right = cols[-2].lower().split("[mask]")
         contexts.append((left.strip(), right.strip().rstrip(".!?")))
     return contexts
+
+
+def cloze_answers(rows: list[list[str]]) -> set[str]:
+    return {a.lower() for cols in rows for a in cols[-1].split("|") if a}
 
 
 def leaks(sentence: str, contexts: list[tuple[str, str]]) -> bool:
@@ -121,11 +222,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/data/mntp.txt"))
     args = parser.parse_args()
     ensure_packages()
-    contexts = cloze_contexts()
+    rows = cloze_lines()
+    contexts = cloze_contexts(rows)
     seen: set[str] = set()
     lines: list[str] = []
     counts: dict[str, dict[str, object]] = {}
-    for name, sentences in (("wordnet", wordnet_examples()), ("ding", ding_sentences())):
+    sources = (
+        ("wordnet", wordnet_examples()),
+        ("ding", ding_sentences()),
+        ("wordnet_glosses", wordnet_glosses(cloze_answers(rows))),
+        ("fortunes", fortune_sentences()),
+    )
+    for name, sentences in sources:
         kept = dropped = 0
         for sentence in sentences:
             key = sentence.lower()

@@ -63,6 +63,9 @@ class FinetuneConfig:
     min_lr_ratio: float = option(0.1, "cosine decay ends at lr * this")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "gradient norm clip")
+    init_adapter: str = option(
+        "", "start from this adapter's LoRA weights (same r and targets), e.g. the shipped one; unset = fresh"
+    )
     lora_r: int = option(16, "LoRA rank (inner dimension of each update)")
     lora_alpha: int = option(32, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the LoRA input")
@@ -76,6 +79,10 @@ class FinetuneConfig:
     replace_prob: float = option(0.8, "share of the selected tokens replaced by the mask token (BERT's 80/10/10)")
     random_prob: float = option(0.1, "share replaced by a random token; the rest stay as they are")
     mean_span: float = option(3.0, "mean span length for --mask-strategy span")
+    # SmolLM2's BOS is an attention sink whose state hardly depends on the text, so a first word read there
+    # cannot depend on it either (docs/finetune.md); the newline token "Ċ" is not.
+    prefix_token: str = option("", "mntp: the token every sentence starts with; unset = the tokenizer's BOS")
+    first_word_prob: float = option(0.0, "mlm/mntp: share of examples whose first word is masked too (sentence starts)")
     prompt_loss_weight: float = option(
         0.0, "sft: loss weight of prompt tokens (0 = masked out of the loss ... 1 = full weight)"
     )

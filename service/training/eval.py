@@ -33,6 +33,7 @@ from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from service.config import Settings
+from service.engine.lexicon import is_word
 from service.engine.loading import LoadedModel, load_model, read_adapter_meta
 from service.masks.attention import bidirectional_mask, padding_mask, position_ids, to_4d
 from service.training.config import BOTH_MODES, EvalMode, FillMaskEvalConfig
@@ -85,6 +86,7 @@ class FillMaskScorer:
     beam: int = 5
     max_word_tokens: int = 4
     length_alpha: float = 0.5  # see rank_words
+    words_only: bool = True  # whole-word candidates must pass service/engine/lexicon.py's is_word
 
     def __post_init__(self) -> None:
         vocab = int(self.model.get_output_embeddings().weight.shape[0])
@@ -164,8 +166,17 @@ class FillMaskScorer:
         return [str(self.tokenizer.decode([int(i)])).strip() for i in logp.topk(k).indices]
 
     def whole_word(self, text: str, k: int = 5) -> list[tuple[str, float]]:
-        """Best whole-word fills over 1..max_word_tokens sub-tokens, by length-fair score."""
-        return rank_words(self.word_candidates(text), self.length_alpha)[:k]
+        """Best whole-word fills over 1..max_word_tokens sub-tokens, by length-fair score (words only)."""
+        return self.whole_word_both(text, k)[0]
+
+    def whole_word_both(self, text: str, k: int = 5) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        """(the ranked fills that are words, all ranked fills): what the word rule keeps and what it sees."""
+        candidates = self.word_candidates(text)
+        everything = rank_words(candidates, self.length_alpha)
+        if not self.words_only:
+            return everything[:k], everything[:k]
+        words = rank_words([c for c in candidates if is_word(c[0], pieces=c[2])], self.length_alpha)
+        return words[:k], everything[:k]
 
     def word_candidates(self, text: str) -> list[tuple[str, float, int]]:
         """(word, summed log-probability, sub-tokens) for the final beams of every length.
@@ -232,7 +243,12 @@ def evaluate(scorer: FillMaskScorer, items: Sequence[ClozeItem], modes: Sequence
         by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         rows = []
         for item in tqdm(items, desc=f"cloze {mode.value}", mininterval=10.0, leave=False):
-            preds = scorer.plain(item.text) if mode is EvalMode.PLAIN else [w for w, _ in scorer.whole_word(item.text)]
+            unfiltered: list[str] | None = None
+            if mode is EvalMode.PLAIN:
+                preds = scorer.plain(item.text)
+            else:
+                kept, seen = scorer.whole_word_both(item.text)
+                preds, unfiltered = [w for w, _ in kept], [w for w, _ in seen]
             answers = {a.lower() for a in item.answers}
             lowered = [p.lower() for p in preds]
             top1 = bool(lowered) and lowered[0] in answers
@@ -243,8 +259,10 @@ def evaluate(scorer: FillMaskScorer, items: Sequence[ClozeItem], modes: Sequence
             cat[0] += 1
             cat[1] += top1
             cat[2] += top5
-            rows.append({"text": item.text, "answers": list(item.answers), "predictions": preds[:5],
-                         "top1": top1, "top5": top5})  # fmt: skip
+            rows.append({"text": item.text, "category": item.category, "answers": list(item.answers),
+                         "predictions": preds[:5], "top1": top1, "top5": top5})  # fmt: skip
+            if unfiltered is not None:
+                rows[-1]["before_word_rule"] = unfiltered
         n = max(1, len(items))
         result[mode.value] = {
             "top1": hits1 / n,
@@ -261,6 +279,17 @@ def summary_table(result: dict[str, Any]) -> str:
         r = result.get(mode.value)
         if isinstance(r, dict):
             lines.append(f"{mode.value:<11} {result['n']:>4} {r['top1']:>7.1%} {r['top5']:>7.1%}")
+    return "\n".join(lines)
+
+
+def category_table(result: dict[str, Any]) -> str:
+    """Per category and mode: n, top-1, top-5."""
+    lines = [f"{'mode':<11} {'category':<17} {'n':>4} {'top-1':>7} {'top-5':>7}"]
+    for mode in EvalMode:
+        r = result.get(mode.value)
+        if isinstance(r, dict):
+            for cat, c in r["categories"].items():
+                lines.append(f"{mode.value:<11} {cat:<17} {c['n']:>4} {c['top1']:>7.1%} {c['top5']:>7.1%}")
     return "\n".join(lines)
 
 
@@ -297,6 +326,7 @@ def run_cli(settings: Settings, cfg: FillMaskEvalConfig) -> int:
     result = evaluate(scorer_for(loaded), items, modes)
     print(f"model {loaded.name}, adapter {loaded.adapter}, cloze {cloze}")
     print(summary_table(result))
+    print(category_table(result))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=2) + "\n")
     if cfg.update_card:

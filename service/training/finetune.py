@@ -169,14 +169,16 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         obj = SftObjective(tokenizer, cfg.pack_length, cfg.prompt_loss_weight)
     else:
         mask_token = choose_mntp_mask_token(tokenizer)
-        prefix = tokenizer.bos_token if objective is Objective.MNTP else None
+        prefix = (cfg.prefix_token or tokenizer.bos_token) if objective is Objective.MNTP else None
+        if prefix is not None and prefix not in tokenizer.get_vocab():
+            raise ValueError(f"--prefix-token {prefix!r} is not a token of the vocabulary")
         if objective is Objective.MNTP and prefix is None:
             raise ValueError("mntp needs a tokenizer with a BOS token to prefix each sentence")
         meta.update(mask_token=mask_token, prefix_token=prefix)
         obj = MaskedObjective(
             tokenizer, cfg.masking(), token_id(tokenizer, mask_token),
             non_special_ids(tokenizer, vocab), cfg.max_length, shift=objective is Objective.MNTP,
-            prefix_id=token_id(tokenizer, prefix) if prefix else None,
+            prefix_id=token_id(tokenizer, prefix) if prefix else None, first_word_prob=cfg.first_word_prob,
         )  # fmt: skip
 
     examples = read_examples(Path(cfg.data), chat=objective is Objective.SFT)
@@ -188,6 +190,11 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     targets: str | list[str] = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
     model = get_peft_model(base, lora).to(env.device)
+    if cfg.init_adapter and not cfg.resume:  # start from a trained adapter of the same shape (a checkpoint resumes)
+        from safetensors.torch import load_file
+
+        init = load_file(str(Path(cfg.init_adapter) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, {k: v.float() for k, v in init.items()})
     trainable = [p for p in model.parameters() if p.requires_grad]
     loss_module = LossModule(model, decoder=kind is ModelKind.DECODER)
     ddp: nn.Module = loss_module

@@ -16,6 +16,7 @@ each position, loss weights), so one loss function and one training loop serve a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,8 +88,11 @@ class MaskedObjective:
     max_length: int
     shift: bool  # MNTP: masked token i is predicted from the output at i-1
     prefix_id: int | None = None  # MNTP: BOS before each sentence, so that its first word has an i-1
+    # Share of examples whose first word is selected as well (on top of the ratio): a uniform choice
+    # reaches a sentence's first word about as often as any other, and nearly always a "The"/"He"/"I".
+    first_word_prob: float = 0.0
 
-    def encode(self, examples: list[Example]) -> list[Encoded]:
+    def encode(self, examples: Sequence[Example]) -> list[Encoded]:
         texts = [e for e in examples if isinstance(e, str)]
         if len(texts) != len(examples):
             raise ValueError("mlm/mntp examples are plain text")
@@ -113,6 +117,8 @@ class MaskedObjective:
         selected = torch.stack(
             [select_positions(candidates[b], self.masking, generator, words[b]) for b in range(len(items))]
         )  # (B, T)
+        if self.first_word_prob > 0:
+            selected |= self._first_words(words, candidates, generator)
         masked, labels = apply_input_mask(
             ids, selected, self.mask_token_id, 0, generator,
             replace_prob=self.masking.replace_prob, random_prob=self.masking.random_prob,
@@ -128,6 +134,14 @@ class MaskedObjective:
             n_tokens=sum(lengths),
         )
 
+    def _first_words(self, words: Tensor, candidates: Tensor, generator: torch.Generator) -> Tensor:
+        """The tokens of each example's first word, in a ``first_word_prob`` share of the examples.  -> (B, T)"""
+        big = torch.iinfo(words.dtype).max
+        first = words.masked_fill(~candidates, big).min(dim=1).values  # (B,) word ids grow along the text
+        draw = torch.rand(len(words), generator=generator, device=generator.device).to(words.device)  # (B,)
+        chosen = (draw < self.first_word_prob) & (first < big)  # (B,)
+        return chosen[:, None] & (words == first[:, None]) & candidates  # (B, T)
+
 
 @dataclass
 class SftObjective:
@@ -137,7 +151,7 @@ class SftObjective:
     pack_length: int
     prompt_weight: float
 
-    def encode(self, examples: list[Example]) -> list[Encoded]:
+    def encode(self, examples: Sequence[Example]) -> list[Encoded]:
         out = []
         for ex in examples:
             if not isinstance(ex, ChatExample):

@@ -62,6 +62,10 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
             f"{config['replace_prob']:.0%} mask token / {config['random_prob']:.0%} random / "
             f"{1 - config['replace_prob'] - config['random_prob']:.0%} kept; mask token `{m.get('mask_token')}`"
         )
+        if config.get("first_word_prob"):
+            lines.append(
+                f"- Sentence starts: the first word is masked as well in {config['first_word_prob']:.0%} of examples"
+            )
         lines.append("- Attention mask: bidirectional over real tokens (padding masked)")
     if config["objective"] == "mntp":
         lines.append(

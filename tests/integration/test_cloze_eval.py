@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from service.engine.lexicon import is_word
 from service.training.eval import ClozeItem, EvalMode, FillMaskScorer, evaluate, rank_words, read_cloze
 from tests.tiny import token_id
 
@@ -15,11 +17,19 @@ BUNDLED_CLOZE = Path(__file__).resolve().parents[2] / "service" / "data" / "cloz
 
 def test_bundled_cloze_set_is_broad() -> None:
     items = read_cloze(BUNDLED_CLOZE)
-    assert len(items) >= 150
-    categories = {i.category for i in items}
-    assert categories == {"nature", "home", "food", "work", "travel", "school", "science", "numbers", "opposites"}
+    counts = Counter(i.category for i in items)
+    assert set(counts) == {"sentence_initial", "mid_sentence", "multi_token", "facts"}
+    assert min(counts.values()) >= 40
+    assert all(i.text.startswith("[MASK]") for i in items if i.category == "sentence_initial")
     assert all(i.text.count("[MASK]") == 1 and i.answers for i in items)
     assert len({i.text for i in items}) == len(items)  # no duplicates
+
+
+def test_everyday_cloze_set_is_kept() -> None:
+    items = read_cloze(BUNDLED_CLOZE.with_name("cloze_everyday.tsv"))
+    assert len(items) == 166
+    assert {i.category for i in items} == {"nature", "home", "food", "work", "travel", "school", "science",
+                                           "numbers", "opposites"}  # fmt: skip
 
 
 def test_read_cloze_formats_and_errors(tmp_path: Path) -> None:
@@ -53,6 +63,9 @@ class FakeScorer:
     def whole_word(self, text: str, k: int = 5) -> list[tuple[str, float]]:
         return [(w, 0.0) for w in self.predictions[text][:k]]
 
+    def whole_word_both(self, text: str, k: int = 5) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
+        return self.whole_word(text, k), self.whole_word(text, k)
+
 
 def test_evaluate_counts_top1_and_top5() -> None:
     items = [
@@ -79,5 +92,8 @@ def test_whole_word_fills_are_single_words(tiny_llama_dir: Path) -> None:
     assert {n for _, _, n in candidates} == {1, 2, 3, 4}
     for word, _, _ in candidates:
         assert word.isalnum()  # a word start then continuations: no spaces, no punctuation
-    assert len(scorer.whole_word("the dog [MASK] the red ball.", k=5)) == 5
+    kept, seen = scorer.whole_word_both("the dog [MASK] the red ball.", k=5)
+    assert len(seen) == 5
+    assert kept == [ws for ws in seen if is_word(ws[0])][: len(kept)]  # the rule drops non-words, keeps the order
+    assert all(is_word(w) for w, _ in kept)
     assert len(scorer.plain("the dog [MASK] the red ball.", k=3)) == 3

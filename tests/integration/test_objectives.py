@@ -87,6 +87,20 @@ def test_whole_word_masking_masks_every_piece_of_a_word(llama_tok: PreTrainedTok
         assert masked == {i for i, w in enumerate(item.word_ids) if w in word_ids}
 
 
+def test_first_word_prob_masks_the_first_word_in_that_share_of_examples(llama_tok: PreTrainedTokenizerBase) -> None:
+    texts = [f"the dog number {i} sees the red ball near the old house today." for i in range(400)]
+    for prob, low, high in ((0.0, 0.0, 0.3), (1.0, 1.0, 1.0), (0.5, 0.5, 0.8)):
+        obj = _mntp(llama_tok, ratio=0.1, strategy="whole_word")
+        obj.first_word_prob = prob
+        items = obj.encode(texts)
+        first = [i for i, w in enumerate(items[0].word_ids) if w == 0]  # the pieces of "the", after BOS
+        assert first[:1] == [1]
+        batch = obj.collate(items, torch.Generator().manual_seed(0))
+        hit = (batch.input_ids[:, first] == obj.mask_token_id).all(dim=1).float().mean().item()
+        assert low <= hit <= high, (prob, hit)
+        assert bool((batch.input_ids[:, 0] == llama_tok.bos_token_id).all())  # the prefix is never masked
+
+
 def test_mlm_labels_stay_in_place(bert_tok: PreTrainedTokenizerBase) -> None:
     obj = MaskedObjective(
         bert_tok, InputMasking(ratio=0.3, replace_prob=1.0, random_prob=0.0), bert_tok.mask_token_id,

@@ -1,0 +1,207 @@
+"""Why a mask at the start of a sentence fails: the three hypotheses of issue 14, each measured.
+
+    python bench/sentence_initial.py [--adapter DIR|shipped] [--corpus runs/data/mntp.txt]
+
+1. *Attention sink*: the first word is predicted from the prefix (BOS) position. If that position's state
+   barely depends on the sentence, the prediction cannot either. Measured: the mean pairwise cosine
+   similarity of the final hidden state at the read position across the sentence-initial items (read at
+   BOS) and across the mid-sentence items (read at the word before the mask), the number of distinct
+   top-1 tokens, and plain top-1 / top-5 with other prefixes: a second BOS, the newline token alone, BOS
+   then newline (the sentence-initial state is ``mean cos``: near 1 = the same state whatever the text).
+2. *Token family*: at a sentence start the word is a token without a leading space ("Jupiter", not
+   " Jupiter"); the bare family holds fewer whole words. Measured: the share of the accepted answers that
+   are one sub-token, bare (capitalised, as at a sentence start) and spaced (as mid-sentence); and plain
+   accuracy when the answer is allowed in either family.
+3. *Training rarely masks a first word*: with ``--corpus``, the share of training examples whose first
+   word the recipe masks (20% whole-word, as the shipped adapter was trained, and with ``--first-word-prob``)
+   and which words those are.
+
+Plain mode throughout (single tokens, service/training/eval.py's forward), on the sentence_initial and
+mid_sentence categories of the bundled cloze set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from pathlib import Path
+
+import torch
+
+from service.config import load_settings
+from service.engine.loading import load_model
+from service.masks.attention import bidirectional_mask, padding_mask, position_ids, to_4d
+from service.masks.input import InputMasking, MaskingStrategy
+from service.training.data import chunks
+from service.training.eval import CLOZE_MASK, DEFAULT_CLOZE, ClozeItem, FillMaskScorer, read_cloze, scorer_for
+from service.training.objectives import MaskedObjective, decoder_parts, non_special_ids
+
+
+@torch.no_grad()
+def read_states(scorer: FillMaskScorer, rows: list[list[int]], reads: list[int]) -> torch.Tensor:
+    """Final hidden state at one position per row.  -> (N, H)"""
+    width = max(len(r) for r in rows)
+    pad = int(scorer.tokenizer.pad_token_id or 0)
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (N, T)
+    key = padding_mask([len(r) for r in rows], width)  # (N, T)
+    body, _ = decoder_parts(scorer.model)
+    hidden = body(
+        input_ids=ids, attention_mask=to_4d(key, bidirectional_mask(width)), position_ids=position_ids(key)
+    ).last_hidden_state  # (N, T, H)
+    return hidden[torch.arange(len(rows)), torch.tensor(reads)].float()
+
+
+def mean_pairwise_cosine(states: torch.Tensor) -> float:
+    unit = torch.nn.functional.normalize(states, dim=-1)  # (N, H)
+    sim = unit @ unit.T  # (N, N)
+    n = len(states)
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def rows_for(scorer: FillMaskScorer, item: ClozeItem, prefix: list[int] | None = None) -> tuple[list[int], int]:
+    """The served input (prefix, left, mask, right) and where the mask is read; ``prefix`` replaces the
+    adapter's own prefix token."""
+    left, right, _ = scorer._parts(item.text)
+    ids, offset = scorer._wrap([*left, scorer.mask_token_id, *right])
+    if prefix is not None:
+        ids, offset = [*prefix, *ids[offset:]], len(prefix)
+    return ids, offset + len(left) - 1
+
+
+def answer_ids(scorer: FillMaskScorer, word: str, *, spaced: bool) -> list[int]:
+    return list(scorer.tokenizer((" " if spaced else "") + word, add_special_tokens=False)["input_ids"])
+
+
+def capitalised(word: str) -> str:
+    return word[:1].upper() + word[1:]
+
+
+def plain_hits(scorer: FillMaskScorer, items: list[ClozeItem], prefix: list[int] | None) -> tuple[float, float, int]:
+    """Plain top-1 / top-5 (decoded token in the answers), and the number of distinct top-1 tokens."""
+    rows, reads = zip(*(rows_for(scorer, it, prefix) for it in items), strict=True)
+    logp = scorer._log_probs(list(rows), list(reads)).masked_fill(~scorer._real, float("-inf"))  # (N, V)
+    hit1 = hit5 = 0
+    firsts = set()
+    for item, row in zip(items, logp, strict=True):
+        top = row.topk(5).indices.tolist()
+        words = [str(scorer.tokenizer.decode([i])).strip() for i in top]
+        answers = {a.lower() for a in item.answers}
+        hit1 += words[0].lower() in answers
+        hit5 += any(w.lower() in answers for w in words)
+        firsts.add(top[0])
+    return hit1 / len(items), hit5 / len(items), len(firsts)
+
+
+def family_hits(scorer: FillMaskScorer, items: list[ClozeItem]) -> tuple[float, float]:
+    """Plain top-1 / top-5 over one-piece answers when the spaced family is read at the first position:
+    the rank of the best one-piece answer among all tokens, counting " Jupiter" as well as "Jupiter"."""
+    rows, reads = zip(*(rows_for(scorer, it) for it in items), strict=True)
+    logp = scorer._log_probs(list(rows), list(reads)).masked_fill(~scorer._real, float("-inf"))  # (N, V)
+    hit1 = hit5 = 0
+    for item, row in zip(items, logp, strict=True):
+        order = row.argsort(descending=True)
+        rank = {int(t): r for r, t in enumerate(order[:200].tolist())}
+        best = min(
+            (
+                rank.get(ids[0], 10**6)
+                for a in item.answers
+                for spaced in (False, True)
+                for ids in [answer_ids(scorer, capitalised(a), spaced=spaced)]
+                if len(ids) == 1
+            ),
+            default=10**6,
+        )
+        # the spaced and the bare token of one word share a rank list: count the word once
+        hit1 += best == 0
+        hit5 += best < 5
+    return hit1 / len(items), hit5 / len(items)
+
+
+def one_piece_share(scorer: FillMaskScorer, items: list[ClozeItem], *, spaced: bool, capital: bool) -> float:
+    """Share of items with an accepted answer that is a single sub-token in the given form."""
+    ok = sum(
+        any(len(answer_ids(scorer, capitalised(a) if capital else a, spaced=spaced)) == 1 for a in it.answers)
+        for it in items
+    )
+    return ok / len(items)
+
+
+def corpus_first_words(scorer: FillMaskScorer, corpus: Path, first_word_prob: float, limit: int) -> None:
+    lines = [line.strip() for line in corpus.read_text().splitlines() if line.strip()]
+    lines = lines[:: max(1, len(lines) // limit)][:limit]
+    tok = scorer.tokenizer
+    for prob in sorted({0.0, first_word_prob}):
+        obj = MaskedObjective(
+            tok,
+            InputMasking(ratio=0.2, strategy=MaskingStrategy.WHOLE_WORD),
+            scorer.mask_token_id,
+            non_special_ids(tok, len(tok)),
+            max_length=32,
+            shift=True,
+            prefix_id=scorer.prefix_id,
+            first_word_prob=prob,
+        )
+        gen = torch.Generator().manual_seed(0)
+        masked_first = 0
+        words: collections.Counter[str] = collections.Counter()
+        all_masked = 0
+        encoded = obj.encode(list(lines))
+        for idx in chunks(list(range(len(encoded))), 16):
+            items = [encoded[i] for i in idx]
+            b = obj.collate(items, gen)
+            for row, it in enumerate(items):
+                target_at_bos = int(b.targets[row, 0])  # position 0 (BOS) predicts the first token
+                all_masked += int((b.targets[row] >= 0).sum())
+                if target_at_bos >= 0:
+                    masked_first += 1
+                    words[str(tok.decode([it.ids[1]])).strip()] += 1
+        top = ", ".join(f"{w} {c / max(1, masked_first):.0%}" for w, c in words.most_common(6))
+        print(
+            f"first_word_prob {prob:.2f}: first word masked in {masked_first / len(lines):.1%} of {len(lines)} "
+            f"examples ({masked_first / max(1, all_masked):.1%} of all masked tokens); those words: {top}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--adapter", default="shipped")
+    parser.add_argument("--corpus", type=Path, help="training sentences: measure how often the first word is masked")
+    parser.add_argument("--first-word-prob", type=float, default=0.35)
+    parser.add_argument("--corpus-limit", type=int, default=4000)
+    args = parser.parse_args()
+    scorer = scorer_for(load_model(load_settings(adapter=args.adapter)))
+    items = read_cloze(DEFAULT_CLOZE)
+    initial = [it for it in items if it.category == "sentence_initial"]
+    mid = [it for it in items if it.category == "mid_sentence"]
+    assert all(it.text.startswith(CLOZE_MASK) for it in initial)
+    print(f"adapter {args.adapter}; {len(initial)} sentence-initial and {len(mid)} mid-sentence cloze items")
+
+    print("\n1. attention sink: the state the first word is read from")
+    print(f"{'items':<18} {'read at':<16} {'mean cos':>8} {'distinct top-1':>14} {'top-1':>7} {'top-5':>7}")
+    for name, group in (("sentence_initial", initial), ("mid_sentence", mid)):
+        for extra in (0, 1):
+            rows, reads = zip(*(rows_for(scorer, it, extra) for it in group), strict=True)
+            cos = mean_pairwise_cosine(read_states(scorer, list(rows), list(reads)))
+            top1, top5, distinct = plain_hits(scorer, group, extra)
+            where = ("BOS (pos 0)" if name == "sentence_initial" else "word before") + (" +BOS" if extra else "")
+            print(f"{name:<18} {where:<16} {cos:>8.3f} {distinct:>14} {top1:>7.1%} {top5:>7.1%}")
+
+    print("\n2. token family: answers that are one sub-token")
+    print(f"{'items':<18} {'bare Capital':>12} {'spaced Capital':>14} {'spaced lower':>12}")
+    for name, group in (("sentence_initial", initial), ("mid_sentence", mid)):
+        shares = [
+            one_piece_share(scorer, group, spaced=False, capital=True),
+            one_piece_share(scorer, group, spaced=True, capital=True),
+            one_piece_share(scorer, group, spaced=True, capital=False),
+        ]
+        print(f"{name:<18} {shares[0]:>12.1%} {shares[1]:>14.1%} {shares[2]:>12.1%}")
+    t1, t5 = family_hits(scorer, initial)
+    print(f"sentence_initial, a bare or a spaced token of an answer counts: top-1 {t1:.1%}, top-5 {t5:.1%}")
+
+    if args.corpus:
+        print("\n3. how often training masks the first word (20% whole-word masking, batches of 16)")
+        corpus_first_words(scorer, args.corpus, args.first_word_prob, args.corpus_limit)
+
+
+if __name__ == "__main__":
+    main()

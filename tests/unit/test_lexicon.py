@@ -1,0 +1,48 @@
+"""The whole-word rule: lexicon words and names pass, the junk the issue reported does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.engine.lexicon import Lexicon, default_lexicon, is_word
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["dog", "Dogs", "hairdresser", "firefighters", "Jupiter", "Shakespeare", "NASA", "parmesan", "Parmesan",
+     "don't", "I'm", "well-known", "dog's", "42", "1990", "3.5", "5th", "I", "a", "echolocation"],
+)  # fmt: skip
+def test_words_pass(text: str) -> None:
+    assert is_word(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["acknowled", "ishigata", "aoiteo", "alejohn", "Alejohn", "son-of-", "new-fangled The", "", " dog", "dog ",
+     "jUPITER", "-", "legs--eight", "sea-"],
+)  # fmt: skip
+def test_non_words_fail(text: str) -> None:
+    assert not is_word(text)
+
+
+def test_an_unknown_capitalised_name_passes_only_as_one_sub_token() -> None:
+    assert is_word("Alejohn", pieces=1)
+    assert not is_word("Alejohn", pieces=2)
+    assert not is_word("alejohn", pieces=1)  # lower case: the lexicon alone decides
+    assert not is_word("AleJohn", pieces=1)  # not a well-formed name
+
+
+def test_a_small_lexicon_decides_case_exactly() -> None:
+    lex = Lexicon(["dog", "Paris", "NASA"])
+    assert len(lex) == 3
+    assert [lex.is_word(w) for w in ("dog", "Dog", "DOG", "Paris", "paris", "NASA", "nasa", "cat")] == [
+        True, True, False, True, True, True, True, False,
+    ]  # fmt: skip
+
+
+def test_could_start_prunes_partial_words() -> None:
+    lex = default_lexicon()
+    assert lex.could_start("hairdr")
+    assert lex.could_start("Jupi")
+    assert not lex.could_start("aoit")
+    assert len(lex) == 135_289
