@@ -207,8 +207,8 @@ class GenerationScheduler:
                 param=param,
                 code="grammar_timeout",
             ) from None
-        except RuntimeError:
-            pass  # an invalid grammar: compile() reports it, naming the field
+        except RuntimeError:  # an invalid grammar: compile() reports it, naming the field
+            return
 
     def compile(self, job: GenerationJob) -> None:
         """Compile the job's masks once (run it on the compute thread); raises MaskError naming the field."""
