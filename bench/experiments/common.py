@@ -15,6 +15,7 @@ import random
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,11 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from service.config import load_settings  # noqa: E402
+from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, compile_job  # noqa: E402
 from service.engine.loading import LoadedModel, load_model  # noqa: E402
+from service.engine.params import SamplingParams  # noqa: E402
+from service.engine.vocab import ModelVocab  # noqa: E402
+from service.masks.output import OutputMaskSpec  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS_OUT = REPO / "docs" / "interference"
@@ -203,3 +208,31 @@ def load_decoder(smoke: bool) -> LoadedModel:
     if not smoke:
         return load_model(load_settings(adapter="none", precision="float32"))
     return load_model(load_settings(model=str(tiny_llama_dir()), adapter="none", precision="float32"))
+
+
+def greedy_chat(
+    loaded: LoadedModel,
+    vocab: ModelVocab,
+    requests: Sequence[tuple[str, SamplingParams, OutputMaskSpec]],
+    batch_size: int,
+) -> list[RunningRequest]:
+    """Each (user message, sampling, output masks) through the engine's own decode loop, ``batch_size`` at a
+    time (chat template, masks compiled as the server compiles them); returns the finished sequences."""
+    model, tok = loaded.generation_model, loaded.tokenizer
+    assert model is not None
+    engine = DecodeBatch(model, vocab, lock=threading.Lock(), pad_id=int(tok.pad_token_id or 0))
+    done: list[RunningRequest] = []
+    for start in range(0, len(requests), batch_size):
+        seqs = []
+        for message, params, spec in requests[start : start + batch_size]:
+            prompt = tok.apply_chat_template([{"role": "user", "content": message}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+            job = GenerationJob(list(tok(str(prompt), add_special_tokens=False)["input_ids"]), params, spec)
+            compile_job(job, vocab, dtype=loaded.dtype, dims=loaded.attention_dims)
+            seqs.append(RunningRequest(job, loaded.device))
+        with torch.inference_mode():
+            engine.add(seqs)
+            while engine.rows:
+                engine.step()
+        done += seqs
+    return done

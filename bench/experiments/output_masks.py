@@ -20,24 +20,22 @@ from __future__ import annotations
 import json
 import random
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from bench.experiments.common import (
     Clock,
     Result,
     bootstrap_ci,
+    greedy_chat,
     load_decoder,
     markdown_table,
     new_figure,
     parse_args,
     publish,
 )
-from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, compile_job
 from service.engine.loading import LoadedModel
 from service.engine.params import SamplingParams
 from service.engine.vocab import ModelVocab
@@ -138,26 +136,9 @@ def judge(item: Item, text: str) -> tuple[bool, bool, bool]:
 def generate(loaded: LoadedModel, vocab: ModelVocab, items: Sequence[Item], masked: bool, max_new: int,
              batch_size: int) -> list[str]:  # fmt: skip
     """Greedy outputs through the engine's decode loop, ``batch_size`` requests at a time."""
-    model, tok = loaded.generation_model, loaded.tokenizer
-    assert model is not None
-    engine = DecodeBatch(model, vocab, lock=threading.Lock(), pad_id=int(tok.pad_token_id or 0))
-    texts: list[str] = []
-    for start in range(0, len(items), batch_size):
-        seqs = []
-        for item in items[start : start + batch_size]:
-            prompt = tok.apply_chat_template([{"role": "user", "content": item.prompt}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
-            spec = mask_for(item) if masked else OutputMaskSpec()
-            job = GenerationJob(list(tok(str(prompt), add_special_tokens=False)["input_ids"]),
-                                SamplingParams(max_new_tokens=max_new), spec)  # fmt: skip
-            compile_job(job, vocab, dtype=loaded.dtype, dims=loaded.attention_dims)
-            seqs.append(RunningRequest(job, loaded.device))
-        with torch.inference_mode():
-            engine.add(seqs)
-            while engine.rows:
-                engine.step()
-        texts += [s.result().text for s in seqs]
-    return texts
+    params = SamplingParams(max_new_tokens=max_new)
+    requests = [(item.prompt, params, mask_for(item) if masked else OutputMaskSpec()) for item in items]
+    return [s.result().text for s in greedy_chat(loaded, vocab, requests, batch_size)]
 
 
 def main(argv: Sequence[str] | None = None) -> Result:

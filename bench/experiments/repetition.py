@@ -24,24 +24,22 @@ import json
 import random
 import re
 import sys
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from bench.experiments.common import (
     Clock,
     Result,
     bootstrap_ci,
+    greedy_chat,
     load_decoder,
     markdown_table,
     new_figure,
     parse_args,
     publish,
 )
-from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, compile_job
 from service.engine.loading import LoadedModel
 from service.engine.params import SamplingParams
 from service.engine.vocab import ModelVocab
@@ -210,28 +208,12 @@ def paired_table(outputs: Sequence[dict[str, object]], seed: int = 0) -> str:
 def generate(loaded: LoadedModel, vocab: ModelVocab, items: Sequence[Item], cond: Condition, max_new: int,
              batch_size: int) -> list[tuple[str, list[int]]]:  # fmt: skip
     """Greedy outputs (text, token ids without end-of-sequence) through the engine's decode loop."""
-    model, tok = loaded.generation_model, loaded.tokenizer
-    assert model is not None
-    engine = DecodeBatch(model, vocab, lock=threading.Lock(), pad_id=int(tok.pad_token_id or 0))
     params = SamplingParams(max_new_tokens=max_new, repetition_penalty=cond.repetition,
                             frequency_penalty=cond.frequency, presence_penalty=cond.presence)  # fmt: skip
-    out: list[tuple[str, list[int]]] = []
-    for start in range(0, len(items), batch_size):
-        seqs = []
-        for item in items[start : start + batch_size]:
-            prompt = tok.apply_chat_template([{"role": "user", "content": item.prompt}], tokenize=False,
-                                             add_generation_prompt=True)  # fmt: skip
-            spec = OutputMaskSpec(no_repeat_ngram_size=cond.no_repeat)
-            job = GenerationJob(list(tok(str(prompt), add_special_tokens=False)["input_ids"]), params, spec)
-            compile_job(job, vocab, dtype=loaded.dtype, dims=loaded.attention_dims)
-            seqs.append(RunningRequest(job, loaded.device))
-        with torch.inference_mode():
-            engine.add(seqs)
-            while engine.rows:
-                engine.step()
-        eos = vocab.vocabulary.eos_ids
-        out += [(s.result().text, [t for t in s.generated if t not in eos]) for s in seqs]
-    return out
+    spec = OutputMaskSpec(no_repeat_ngram_size=cond.no_repeat)
+    seqs = greedy_chat(loaded, vocab, [(item.prompt, params, spec) for item in items], batch_size)
+    eos = vocab.vocabulary.eos_ids
+    return [(s.result().text, [t for t in s.generated if t not in eos]) for s in seqs]
 
 
 def main(argv: Sequence[str] | None = None) -> Result:
