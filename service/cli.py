@@ -56,6 +56,7 @@ def run_server(app: FastAPI, settings: Settings) -> None:
             log_level=settings.log_level,
             access_log=False,
             timeout_graceful_shutdown=settings.shutdown_timeout_s,
+            timeout_keep_alive=settings.keep_alive_s,
         )
     finally:
         signal.signal(signal.SIGTERM, previous)

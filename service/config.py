@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     shutdown_timeout_s: int = Field(
         30, ge=1, description="On SIGTERM, how long in-flight requests may take to finish before they are cut."
     )
+    keep_alive_s: int = Field(
+        65,
+        ge=1,
+        description="How long an idle keep-alive connection stays open. Longer than the client's or load "
+        "balancer's own idle timeout, so that the client is the side that closes and never reuses a "
+        "connection the server is closing at that instant.",
+    )
     log_request_text: bool = Field(False, description="Log prompts and outputs (off: only sizes are logged).")
     log_level: str = Field("info", description="critical, error, warning, info or debug.")
     masks_buffer_size: int = Field(256, ge=0, description="Recent requests kept for GET /v1/masks/{id}.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.config import Settings
 from tests.integration.apps import LEAKY_MESSAGE
 from tests.integration.live import LiveServer, live_server
 
@@ -50,6 +52,21 @@ def test_chunked_upload_over_the_limit_is_413(server: LiveServer) -> None:
     within = httpx.post(f"{server.url}/test/echo", content=iter([b"c" * 1024, b"c" * 1024]), timeout=10)
     assert within.status_code == 200
     assert within.json()["bytes"] == 2048
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(server: LiveServer) -> None:
+    # At uvicorn's default (5 s, the same as httpx's keepalive_expiry) the two sides raced to close an idle
+    # connection, and a request sent on it at that instant failed with ReadError (seen in the load test).
+    idle_s = httpx.Limits().keepalive_expiry or 5.0
+    assert Settings().keep_alive_s > idle_s
+    host, port = server.url.removeprefix("http://").split(":")
+    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(request)
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        time.sleep(idle_s + 1)  # past where the server would have closed it at uvicorn's default
+        connection.sendall(request)
+        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
 
 
 def test_logs_are_json_lines_with_request_ids(server: LiveServer) -> None:
