@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     max_masks_per_input: int = Field(8, ge=1, le=64, description="Most mask tokens in one fill-mask input.")
     max_top_k: int = Field(100, ge=1, le=10_000, description="Upper limit of a fill-mask request's top_k.")
     max_word_tokens: int = Field(4, ge=1, le=8, description="Most sub-tokens a whole-word prediction fills.")
+    whole_word_lexicon: str = Field(
+        "english",
+        description="Which whole-word fills count as words: 'english' (the bundled SCOWL list and rule, "
+        "service/engine/lexicon.py), 'none' (any fill of word pieces), or the path of a word list, one per line "
+        "(plain or .gz).",
+    )
     max_fill_inputs: int = Field(64, ge=1, description="Most texts in one fill-mask 'inputs' list.")
     max_targets: int = Field(100, ge=1, le=10_000, description="Most words in one fill-mask 'targets' list.")
     max_fill_rows: int = Field(

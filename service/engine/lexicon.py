@@ -9,9 +9,10 @@ modify, distribute and sell, with the notice kept), less the ``'s`` possessives.
 
 ``is_word(text)``:
 - a number (``42``, ``1990``, ``3.5``) or an ordinal (``5th``) is a word;
-- lower-case or capitalised text (``dogs``, ``Dogs`` at a sentence start, ``Jupiter``, ``parmesan``) is a
-  word if the lexicon holds it in any case; all-capitals and mixed case (``NASA``, ``McDonald``) only as
-  written;
+- lower-case text (``dogs``, ``hairdresser``) is a word if the lexicon holds it in lower case; for an uncased
+  model (BERT uncased writes ``jupiter``), in any case;
+- capitalised text (``Dogs`` at a sentence start, ``Jupiter``) is a word if the lexicon holds it in any case;
+  all-capitals and mixed case (``NASA``, ``McDonald``) only as written;
 - a capitalised name the lexicon lacks is a word only when ``pieces == 1``: the model writes it as one
   sub-token, so it is a name frequent enough in the pretraining text to have its own token ("Obama");
   a name assembled from pieces ("Ale" + "john", "Ishig" + "ata") is not;
@@ -43,27 +44,29 @@ class Lexicon:
 
     @classmethod
     def from_file(cls, path: Path) -> Lexicon:
-        with gzip.open(path, "rt", encoding="utf-8") as f:
+        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
             return cls([line.strip() for line in f if line.strip()])
 
     def __len__(self) -> int:
         return len(self._exact)
 
-    def is_word(self, text: str, *, pieces: int | None = None) -> bool:
-        """Whether ``text`` (one fill, without surrounding spaces) is a word; ``pieces``: its sub-tokens."""
+    def is_word(self, text: str, *, pieces: int | None = None, uncased: bool = False) -> bool:
+        """Whether ``text`` (one fill, without surrounding spaces) is a word; ``pieces``: its sub-tokens.
+        ``uncased``: the model lower-cases everything (BERT uncased), so "paris" stands for "Paris"; a cased
+        model's lower-case fill must be a lower-case entry ("cu" and "cf" are, "ven" is not: only "Ven")."""
         if not text or text != text.strip() or " " in text:
             return False
         if NUMBER.fullmatch(text):
             return True
         if "-" in text:
             parts = text.split("-")
-            return all(parts) and all(self.is_word(p) for p in parts)
+            return all(parts) and all(self.is_word(p, uncased=uncased) for p in parts)
         if text.endswith(("'s", "’s")) and len(text) > 2:
-            return self.is_word(text[:-2])
+            return self.is_word(text[:-2], uncased=uncased)
         if text in self._exact and (text.islower() or text[0].isupper()):
             return True
         if text.islower() or len(text) == 1:
-            return text.lower() in self._lower
+            return uncased and text.lower() in self._lower
         if text[0].isupper() and text[1:].islower():
             return text.lower() in self._lower or (pieces == 1 and NAME.fullmatch(text) is not None)
         return False
@@ -80,6 +83,18 @@ def default_lexicon() -> Lexicon:
     return Lexicon.from_file(WORDS_FILE)
 
 
-def is_word(text: str, *, pieces: int | None = None) -> bool:
+def load_lexicon(spec: str) -> Lexicon | None:
+    """MASKSERVE_WHOLE_WORD_LEXICON: ``english`` (the bundled list), ``none`` (no word check), or a file."""
+    if spec == "english":
+        return default_lexicon()
+    if spec == "none":
+        return None
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"MASKSERVE_WHOLE_WORD_LEXICON: {spec!r} is not 'english', 'none' or a word-list file")
+    return Lexicon.from_file(path)
+
+
+def is_word(text: str, *, pieces: int | None = None, uncased: bool = False) -> bool:
     """``default_lexicon().is_word``: see the module docstring for the rule."""
-    return default_lexicon().is_word(text, pieces=pieces)
+    return default_lexicon().is_word(text, pieces=pieces, uncased=uncased)

@@ -21,6 +21,7 @@ from service.engine.fill.forward import forward_rows, head_only_matches
 from service.engine.fill.job import FillMaskJob, FillMaskResult
 from service.engine.fill.search import Row
 from service.engine.fill.worker import FillMaskWorker
+from service.engine.lexicon import load_lexicon
 from service.engine.loading import LoadedModel
 from service.errors import ClientGone, InvalidRequest, Overloaded, RequestTimeout
 from tests.tiny import token_ids
@@ -218,6 +219,8 @@ def test_targets_are_scored_jointly_by_the_chain_rule(tiny_bert: LoadedModel, ti
 
 
 def check_whole_words(model: LoadedModel, codec: FillMaskCodec, settings: Settings, text: str, n: int) -> list[Any]:
+    """The search itself, every fill of word pieces kept: a tiny random model's fills are rarely words."""
+    settings = settings.model_copy(update={"whole_word_lexicon": "none"})
     inp = codec.encode(text, "inputs")
     slot = inp.slots[0]
     job = FillMaskJob([inp], top_k=6, whole_word=True, max_word_tokens=n)
@@ -254,6 +257,32 @@ def test_whole_words_mntp(tiny_mntp: LoadedModel, mntp_settings: Settings, mntp_
     assert max(len(c.pieces) for c in cands) > 1
     assert all(c.token_str.startswith(" ") for c in cands)  # after a space: word-start pieces carry it
     check_whole_words(tiny_mntp, mntp_codec, mntp_settings, "[MASK] is the largest planet.", 2)
+
+
+@pytest.mark.parametrize("which", ["bert", "mntp"])
+def test_whole_words_keep_only_words_in_the_order_of_the_search(which: str, request: pytest.FixtureRequest) -> None:
+    model: LoadedModel = request.getfixturevalue(f"tiny_{which}")
+    settings: Settings = request.getfixturevalue(f"{which}_settings")
+    lexicon = load_lexicon(settings.whole_word_lexicon)
+    assert lexicon is not None  # the default: english
+    codec = FillMaskCodec(model, settings)
+    texts = ["the dog [MASK] the ball.", "[MASK] is the largest planet.", "she ate a [MASK] for lunch."]
+    jobs = [FillMaskJob([codec.encode(t, "inputs")], top_k=50, whole_word=True, max_word_tokens=2) for t in texts]
+    everything = run_jobs(model, settings.model_copy(update={"whole_word_lexicon": "none"}), jobs)
+    words = run_jobs(model, settings, jobs)
+    kept = 0
+    for all_fills, word_fills in zip(everything, words, strict=True):
+        uncased = codec.uncased
+        expected = [
+            c for c in all_fills[0][0] if lexicon.is_word(c.token_str.strip(), pieces=len(c.pieces), uncased=uncased)
+        ]
+        got = word_fills[0][0]
+        assert all(lexicon.is_word(c.token_str.strip(), pieces=len(c.pieces), uncased=uncased) for c in got)
+        # the same search, less the non-words: what the top 50 of all fills kept comes first, in order
+        assert [(c.token_str, c.score) for c in got[: len(expected)]] == [(c.token_str, c.score) for c in expected]
+        kept += len(expected)
+        assert len(expected) < len(all_fills[0][0])  # the rule removed something from a random model's fills
+    assert kept > 0
 
 
 def test_multi_mask_sequences_keep_other_masks(tiny_bert: LoadedModel, bert_settings: Settings) -> None:

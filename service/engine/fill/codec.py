@@ -17,6 +17,7 @@ from torch import Tensor
 
 from service.config import Settings
 from service.engine.fill.job import Candidate, FillCandidate, FillInput, MaskSlot, Target
+from service.engine.lexicon import load_lexicon
 from service.engine.loading import UNIVERSAL_MASK, LoadedModel, read_adapter_meta
 from service.errors import InvalidRequest
 from service.masks.fill import expand_mask, read_position
@@ -102,6 +103,8 @@ class FillMaskCodec:
         self.specials = special_ids(self.tokenizer)
         self.attention_dims = model.attention_dims if model.steerable else None  # emphasis on chosen layers
         self.vocab = word_pieces(self.tokenizer, model.vocab_size)
+        self.lexicon = load_lexicon(settings.whole_word_lexicon)  # whole-word fills must be words (None: any)
+        self.uncased = bool(getattr(self.tokenizer, "do_lower_case", False))  # BERT uncased: "jupiter" is a name
         self.placeholders = tuple(dict.fromkeys([UNIVERSAL_MASK, self.mask_token]))
         # Spaces before a placeholder belong to the masked word: BPE writes " dog" as one sub-token "Ġdog",
         # and MNTP training masks that sub-token whole (RoBERTa's <mask> lstrip does the same).

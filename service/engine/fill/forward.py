@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from service.engine.fill.codec import WordPieces
 from service.engine.fill.job import FillInput
-from service.engine.fill.search import Row
+from service.engine.fill.search import Need, Pick, Picked, Row, pick
 from service.engine.loading import LoadedModel, ModelKind
 from service.engine.steering import AttentionProbe
 from service.masks.fill import fill_attention, read_position
@@ -64,6 +65,23 @@ def forward_rows(
             logits = net(input_ids=ids, attention_mask=masks.attention, **steer).logits[b_idx, t_idx]  # (R, V)
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()  # (R, V)
     return list(logp.split([len(r.reads) for r in rows]))
+
+
+def forward_needs(needs: Sequence[Need], forward: ForwardFn, vocab: WordPieces, batch_size: int) -> list[Picked]:
+    """One Picked per need, in order: the distinct rows forwarded in chunks of ``batch_size``, shortest first
+    (less padding per chunk); of each chunk's log-probabilities only the picks are kept, so at most one
+    chunk's ``(rows, V)`` tensor exists at a time, whatever the number of rows."""
+    wanted: dict[Row, dict[Pick, None]] = {}  # row -> its distinct picks (rows and picks deduplicated)
+    for need in needs:
+        wanted.setdefault(need.row, {})[need.pick] = None
+    rows = sorted(wanted, key=lambda r: len(r.ids))
+    picked: dict[Need, Picked] = {}
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        for row, logp in zip(chunk, forward(chunk), strict=True):
+            for what in wanted[row]:
+                picked[Need(row, what)] = pick(logp, what, vocab)
+    return [picked[need] for need in needs]
 
 
 def fill_attention_weights(model: LoadedModel, inp: FillInput, lock: threading.Lock) -> dict[int, Tensor]:

@@ -12,6 +12,10 @@ their log-probabilities (one ``(len(reads), V)`` tensor per row), then returns i
   merely for having more factors below 1.
 
 :func:`job_search` steps every mask's search of a job together.
+
+A search names what it reads of each row (a :class:`Pick`: the best ``k`` tokens of one vocabulary family, or
+given tokens), and receives only that (:class:`Picked`): no full-vocabulary tensor outlives its forward, so a
+step of many rows, held until all its rows are forwarded, costs ``rows x k`` numbers, not ``rows x V``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from service.engine.fill.codec import FillMaskCodec
+from service.engine.fill.codec import FillMaskCodec, WordPieces
 from service.engine.fill.job import Candidate, FillInput, FillMaskJob, FillMaskResult, MaskSlot, Target
 from service.masks.constraints import RequestAttention
 from service.masks.fill import expand_mask, restrict_vocab
@@ -43,6 +47,43 @@ class Row:
     attention: RequestAttention | None = None
 
 
+@dataclass(frozen=True)
+class Pick:
+    """What a search keeps of a row's log-probabilities at each read: the ``k`` best tokens of the
+    vocabulary family ``family`` (a :class:`WordPieces` field), or, when ``ids`` is given, those tokens."""
+
+    family: str = "real"
+    k: int = 0
+    ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Need:
+    """One row a search needs forwarded and what it reads of it."""
+
+    row: Row
+    pick: Pick
+
+
+@dataclass(frozen=True)
+class Picked:
+    """A pick's result: per read, log-probabilities and their token ids (best first for a top-k; in
+    ``Pick.ids`` order otherwise; -inf where a family had fewer than ``k`` tokens).  (reads, k) each"""
+
+    logp: Tensor
+    ids: Tensor
+
+
+def pick(logp: Tensor, what: Pick, vocab: WordPieces) -> Picked:
+    """Keep what ``what`` names of one row's log-probabilities.  (reads, V) -> (reads, k)"""
+    if what.ids:
+        ids = torch.tensor(what.ids, device=logp.device).expand(logp.shape[0], -1)  # (reads, k)
+        return Picked(logp.gather(1, ids), ids)
+    allowed = getattr(vocab, what.family).to(logp.device)  # (V,)
+    top = restrict_vocab(logp, allowed).topk(min(what.k, logp.shape[-1]))
+    return Picked(top.values, top.indices)
+
+
 def widened_row(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, filled: Sequence[int], n_masks: int) -> Row:
     """The input with ``slot``'s mask replaced by ``filled`` + ``n_masks`` masks, read at the next one."""
     ids = expand_mask(inp.ids, slot.index, filled, n_masks, codec.mask_id)
@@ -51,55 +92,57 @@ def widened_row(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, filled: Se
     return Row(tuple(ids), (codec.read(slot.index + len(filled)),), attention)
 
 
-# A search yields the rows it needs, receives one (len(reads), V) log-probability tensor per row, and
-# finally returns its value.
-Search = Generator[list[Row], list[Tensor], Any]
+# A search yields the rows it needs and what it reads of each, receives one Picked per Need, and finally
+# returns its value.
+Search = Generator[list[Need], list[Picked], Any]
 
 
 def top_tokens(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, k: int) -> Search:
-    (logp,) = yield [Row(inp.ids, (codec.read(slot.index),), inp.compiled.base if inp.compiled else None)]
-    top = restrict_vocab(logp, codec.vocab.real)[0].topk(min(k, logp.shape[-1]))  # (k,)
+    row = Row(inp.ids, (codec.read(slot.index),), inp.compiled.base if inp.compiled else None)
+    (top,) = yield [Need(row, Pick("real", k))]
     return [
         Candidate((int(i),), math.exp(float(v)))
-        for v, i in zip(top.values, top.indices, strict=True)
+        for v, i in zip(top.logp[0], top.ids[0], strict=True)
         if v > float("-inf")
     ]
 
 
 def score_targets(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, targets: Sequence[Target], k: int) -> Search:
-    rows = []
+    needs = []
     for target in targets:
         pieces = target.pieces(slot)
         for j in range(len(pieces)):  # step j: pieces before j filled in, the rest still masked
-            rows.append(widened_row(codec, inp, slot, pieces[:j], len(pieces) - j))
-    outs = iter((yield rows))
+            needs.append(Need(widened_row(codec, inp, slot, pieces[:j], len(pieces) - j), Pick(ids=(pieces[j],))))
+    outs = iter((yield needs))
     scored = []
     for target in targets:
         pieces = target.pieces(slot)
-        logp = sum(float(next(outs)[0, p]) for p in pieces)  # chain rule: log P(w) = sum_j log P(w_j | w_<j)
+        logp = sum(float(next(outs).logp[0, 0]) for _ in pieces)  # chain rule: log P(w) = sum_j log P(w_j | w_<j)
         scored.append(Candidate(pieces, math.exp(logp)))
     return sorted(scored, key=lambda c: -c.score)[:k]
 
 
 def whole_words(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, k: int, max_pieces: int) -> Search:
     beam = max(k, MIN_BEAMS)
-    first = codec.vocab.start_spaced if slot.spaced else codec.vocab.start_bare
+    first = "start_spaced" if slot.spaced else "start_bare"
     # beams[n]: the best partial fills (sub-tokens so far, summed log-prob) of an n-sub-token word
     beams: dict[int, list[tuple[tuple[int, ...], float]]] = {n: [((), 0.0)] for n in range(1, max_pieces + 1)}
     for j in range(max_pieces):  # all lengths advance together: step j fills sub-token j
         live = {n: b for n, b in beams.items() if n > j and b}
         if not live:
             break
-        rows = [widened_row(codec, inp, slot, fill, n - j) for n, b in live.items() for fill, _ in b]
-        outs = iter((yield rows))
-        allowed = first if j == 0 else codec.vocab.cont
+        # The best `beam` extensions over all of a length's beams are among each beam's own best `beam`.
+        what = Pick(first if j == 0 else "cont", beam)
+        needs = [Need(widened_row(codec, inp, slot, fill, n - j), what) for n, b in live.items() for fill, _ in b]
+        outs = iter((yield needs))
         for n, b in live.items():
-            logp = restrict_vocab(torch.cat([next(outs) for _ in b]), allowed)  # (beams, V)
-            total = logp + torch.tensor([s for _, s in b])[:, None]  # (beams, V)
+            picked = [next(outs) for _ in b]
+            total = torch.cat([p.logp for p in picked]) + torch.tensor([s for _, s in b])[:, None]  # (beams, beam)
+            ids = torch.cat([p.ids for p in picked])  # (beams, beam)
             top = total.flatten().topk(min(beam, total.numel()))
             width = total.shape[1]
             beams[n] = [
-                ((*b[int(f) // width][0], int(f) % width), float(v))
+                ((*b[int(f) // width][0], int(ids.flatten()[f])), float(v))
                 for f, v in zip(top.indices, top.values, strict=True)
                 if v > float("-inf")
             ]
@@ -109,13 +152,15 @@ def whole_words(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, k: int, ma
             if len(fill) != n:
                 continue
             word = codec.decode(fill)
+            if codec.lexicon is not None and not codec.lexicon.is_word(word.strip(), pieces=n, uncased=codec.uncased):
+                continue  # "acknowled", "Ale" + "john": sub-tokens that read as one word but are none
             cand = Candidate(fill, math.exp(logp_sum / n))  # geometric mean: length-fair across n
             if cand.score > best.get(word, Candidate((), -1.0)).score:
                 best[word] = cand
     return sorted(best.values(), key=lambda c: -c.score)[:k]
 
 
-def job_search(job: FillMaskJob, codec: FillMaskCodec) -> Generator[list[Row], list[Tensor], FillMaskResult]:
+def job_search(job: FillMaskJob, codec: FillMaskCodec) -> Generator[list[Need], list[Picked], FillMaskResult]:
     """Every mask's search, stepped together; returns the rendered result."""
     searches: list[Search] = []
     where: list[tuple[int, int]] = []
@@ -129,18 +174,18 @@ def job_search(job: FillMaskJob, codec: FillMaskCodec) -> Generator[list[Row], l
                 searches.append(top_tokens(codec, inp, slot, job.top_k))
             where.append((i, s))
     values: list[list[Candidate]] = [[] for _ in searches]
-    pending: dict[int, list[Row]] = {}
+    pending: dict[int, list[Need]] = {}
     for n, search in enumerate(searches):
         try:
             pending[n] = next(search)
         except StopIteration as stop:
             values[n] = stop.value
     while pending:
-        outs = iter((yield [row for rows in pending.values() for row in rows]))
-        advanced: dict[int, list[Row]] = {}
-        for n, rows in pending.items():
+        outs = iter((yield [need for needs in pending.values() for need in needs]))
+        advanced: dict[int, list[Need]] = {}
+        for n, needs in pending.items():
             try:
-                advanced[n] = searches[n].send([next(outs) for _ in rows])
+                advanced[n] = searches[n].send([next(outs) for _ in needs])
             except StopIteration as stop:
                 values[n] = stop.value
         pending = advanced

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +21,9 @@ from service import metrics
 from service.config import Settings
 from service.engine.compute import ComputeThread
 from service.engine.fill.codec import FillMaskCodec
-from service.engine.fill.forward import ForwardFn, forward_rows, head_only_matches
+from service.engine.fill.forward import ForwardFn, forward_needs, forward_rows, head_only_matches
 from service.engine.fill.job import FillMaskJob, FillMaskResult
-from service.engine.fill.search import Row, job_search
+from service.engine.fill.search import Need, Picked, Row, job_search
 from service.engine.loading import LoadedModel
 from service.errors import ClientGone, NotReady, Overloaded, RequestTimeout
 
@@ -36,9 +36,9 @@ WORKER = "fill_mask"  # metrics label
 class _Pending:
     job: FillMaskJob
     future: asyncio.Future[FillMaskResult]
-    search: Generator[list[Row], list[Tensor], FillMaskResult] | None = None
-    rows: list[Row] = field(default_factory=list)  # the rows the search's current step needs
-    done: list[Tensor] = field(default_factory=list)  # their outputs so far (a step may span several rounds)
+    search: Generator[list[Need], list[Picked], FillMaskResult] | None = None
+    needs: list[Need] = field(default_factory=list)  # the rows the search's current step needs
+    done: list[Picked] = field(default_factory=list)  # their outputs so far (a step may span several rounds)
     result: FillMaskResult | None = None
     error: BaseException | None = None
     abandoned: bool = False  # timed out or client gone: dropped before any further forward
@@ -219,40 +219,35 @@ class FillMaskWorker:
         # rounds, so other jobs and the decode ticks queued on the compute thread take turns in between, and a
         # job abandoned meanwhile (client gone, timed out) is dropped before its next slice.
         cap = self.settings.max_fill_rows_per_round
-        slices = {id(p): p.rows[len(p.done) : len(p.done) + cap] for p in live}
+        slices = {id(p): p.needs[len(p.done) : len(p.done) + cap] for p in live}
+        needs = [need for p in live for need in slices[id(p)]]
         try:
-            outs = self._compute(dict.fromkeys(row for p in live for row in slices[id(p)]))
+            outs = iter(forward_needs(needs, self._forward_chunk, self.codec.vocab, self.settings.max_batch_size))
         except Exception as exc:  # a failed forward fails its round, not the worker
             log.exception("fill-mask forward failed")
             for p in live:
                 p.error = exc
             return
         for p in live:
-            p.done.extend(outs[row] for row in slices[id(p)])
-            if len(p.done) == len(p.rows):
+            p.done.extend(next(outs) for _ in slices[id(p)])
+            if len(p.done) == len(p.needs):
                 step, p.done = p.done, []
                 self._advance(p, step)
 
-    def _advance(self, p: _Pending, outs: list[Tensor] | None) -> None:
+    def _advance(self, p: _Pending, outs: list[Picked] | None) -> None:
         assert p.search is not None
         try:
-            p.rows = next(p.search) if outs is None else p.search.send(outs)
+            p.needs = next(p.search) if outs is None else p.search.send(outs)
         except StopIteration as stop:
             p.result = stop.value
         except Exception as exc:
             log.exception("fill-mask search failed")
             p.error = exc
 
-    def _compute(self, unique: dict[Row, None]) -> dict[Row, Tensor]:
-        """Forward distinct rows in chunks of max_batch_size, shortest first (less padding per chunk)."""
-        rows = sorted(unique, key=lambda r: len(r.ids))
-        size = self.settings.max_batch_size
-        outs: dict[Row, Tensor] = {}
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            with self._lock:
-                logps = self._forward(chunk)
-            metrics.BATCH_SIZE.labels(WORKER).observe(len(chunk))
-            metrics.PROMPT_TOKENS.labels(WORKER).inc(sum(len(r.ids) for r in chunk))
-            outs.update(zip(chunk, logps, strict=True))
-        return outs
+    def _forward_chunk(self, chunk: Sequence[Row]) -> list[Tensor]:
+        """One padded forward under the compute lock (the generation worker's ticks take turns with it)."""
+        with self._lock:
+            logps = self._forward(chunk)
+        metrics.BATCH_SIZE.labels(WORKER).observe(len(chunk))
+        metrics.PROMPT_TOKENS.labels(WORKER).inc(sum(len(r.ids) for r in chunk))
+        return logps
