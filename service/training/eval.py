@@ -79,15 +79,17 @@ def read_cloze(path: Path) -> list[ClozeItem]:
     return items
 
 
-def cloze_request(item: ClozeItem, mode: EvalMode) -> FillMaskRequest:
+def cloze_request(item: ClozeItem, mode: EvalMode, top_k: int = TOP_K) -> FillMaskRequest:
     """The item as a client would ask the server for it."""
-    parameters = FillMaskParameters(top_k=TOP_K, whole_word=mode is EvalMode.WHOLE_WORD)
+    parameters = FillMaskParameters(top_k=top_k, whole_word=mode is EvalMode.WHOLE_WORD)
     return FillMaskRequest(inputs=item.text, parameters=parameters)
 
 
-def predict(driver: FillDriver, items: Sequence[ClozeItem], mode: EvalMode) -> Iterator[list[FillCandidate]]:
+def predict(
+    driver: FillDriver, items: Sequence[ClozeItem], mode: EvalMode, top_k: int = TOP_K
+) -> Iterator[list[FillCandidate]]:
     """Each item's ranked candidates, as POST /v1/fill-mask ranks them (the items' jobs search together)."""
-    jobs = [fill_mask_job(cloze_request(item, mode), driver.codec, driver.settings) for item in items]
+    jobs = [fill_mask_job(cloze_request(item, mode, top_k), driver.codec, driver.settings) for item in items]
     for result in driver.run(jobs):
         yield result[0][0]  # one input, one mask
 
