@@ -159,16 +159,16 @@ def category_table(result: dict[str, Any]) -> str:
 
 
 def answer_sample(result: dict[str, Any], n: int = SAMPLED_ANSWERS, seed: int = SAMPLE_SEED) -> str:
-    """About ``n`` whole-word answers: the top-5 of items drawn with a fixed seed, one item a line."""
+    """About ``n`` whole-word answers: the top 5 of items drawn with a fixed seed, one item a line."""
     rows = result[EvalMode.WHOLE_WORD.value]["items"]
-    lines, shown = [f"whole-word answers of {n // TOP_K} sampled items (seed {seed}):"], 0
+    lines, shown = [], 0
     for i in random.Random(seed).sample(range(len(rows)), len(rows)):
         if shown >= n:
             break
         preds = rows[i]["predictions"]
         lines.append(f"  {rows[i]['text']}  ->  {' | '.join(preds)}")
         shown += len(preds)
-    return "\n".join(lines)
+    return "\n".join([f"{shown} whole-word answers of {len(lines)} items drawn with seed {seed}:", *lines])
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
