@@ -11,9 +11,9 @@ Prints one table:
   tokens), and how often the two greedy tokens agree there;
 - greedy generation through the engine (service/engine/generate.py), 32 tokens each: prompts whose whole
   continuation is identical, and tokens equal before the first divergence;
-- fill-mask top-1/top-5 on service/data/cloze.tsv with the shipped MNTP adapter, through the training
-  evaluator (service/training/eval.py), plain (``--whole-word`` adds whole-word mode, a beam search of
-  up to 4 sub-tokens: ~20 s an item on a loaded machine) (goal: top-5 within 1 point of float32);
+- fill-mask top-1/top-5 on service/data/cloze.tsv with the shipped MNTP adapter, through the evaluator
+  (service/training/eval.py: the server's fill-mask search), plain (``--whole-word`` adds whole-word mode,
+  a beam search of up to 4 sub-tokens) (goal: top-5 within 1 point of float32);
 - structured outputs through the engine's output masks: a JSON schema and a regex, 8 prompts each,
   greedy; the share of outputs that parse and validate (goal: 100%).
 """
@@ -37,11 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.generate import QUESTIONS  # noqa: E402
 from service.config import load_settings  # noqa: E402
+from service.engine.fill.driver import FillDriver  # noqa: E402
 from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams  # noqa: E402
 from service.engine.loading import LoadedModel, load_model  # noqa: E402
 from service.engine.vocab import ModelVocab  # noqa: E402
 from service.masks.output import OutputMaskSpec, compile_output_mask  # noqa: E402
-from service.training.eval import EvalMode, evaluate, read_cloze, scorer_for  # noqa: E402
+from service.training.eval import EvalMode, evaluate, read_cloze  # noqa: E402
 
 CLOZE = Path(__file__).resolve().parent.parent / "service" / "data" / "cloze.tsv"
 SCHEMA = {
@@ -152,9 +153,9 @@ def structured(loaded: LoadedModel, prompts: list[str]) -> dict[str, float]:
 
 
 def cloze(precision: str, limit: int | None, modes: list[EvalMode]) -> dict[str, float]:
-    loaded = load_model(load_settings(adapter="shipped", precision=precision))
+    settings = load_settings(adapter="shipped", precision=precision)
     items = read_cloze(CLOZE)[:limit]
-    result = evaluate(scorer_for(loaded), items, modes)
+    result = evaluate(FillDriver(load_model(settings), settings), items, modes)
     return {f"{m.value}_{k}": result[m.value][k] for m in modes for k in ("top1", "top5")}
 
 

@@ -16,7 +16,8 @@
    word the recipe masks (20% whole-word, as the shipped adapter was trained, and with ``--first-word-prob``)
    and which words those are.
 
-Plain mode throughout (single tokens, service/training/eval.py's forward), on the sentence_initial and
+Plain mode throughout (single tokens, the server's tokenizing and vocabulary classes from
+service/engine/fill/codec.py, its masks from service/masks/fill.py), on the sentence_initial and
 mid_sentence categories of the bundled cloze set.
 """
 
@@ -24,67 +25,90 @@ from __future__ import annotations
 
 import argparse
 import collections
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from service.config import load_settings
-from service.engine.loading import load_model
-from service.masks.attention import bidirectional_mask, padding_mask, position_ids, to_4d
+from service.engine.fill.codec import FillMaskCodec
+from service.engine.fill.search import Row
+from service.engine.loading import LoadedModel, load_model
+from service.masks.fill import fill_attention
 from service.masks.input import InputMasking, MaskingStrategy
 from service.training.data import chunks
-from service.training.eval import CLOZE_MASK, DEFAULT_CLOZE, ClozeItem, FillMaskScorer, read_cloze, scorer_for
-from service.training.objectives import MaskedObjective, decoder_parts, non_special_ids
+from service.training.eval import CLOZE_MASK, DEFAULT_CLOZE, ClozeItem, read_cloze
+from service.training.objectives import MaskedObjective, non_special_ids
 
 
-@torch.no_grad()
-def read_states(scorer: FillMaskScorer, rows: list[list[int]], reads: list[int]) -> torch.Tensor:
-    """Final hidden state at one position per row.  -> (N, H)"""
-    width = max(len(r) for r in rows)
-    pad = int(scorer.tokenizer.pad_token_id or 0)
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (N, T)
-    key = padding_mask([len(r) for r in rows], width)  # (N, T)
-    body, _ = decoder_parts(scorer.model)
-    hidden = body(
-        input_ids=ids, attention_mask=to_4d(key, bidirectional_mask(width)), position_ids=position_ids(key)
+@dataclass(frozen=True)
+class Probe:
+    """The served model and its fill-mask codec (the server's tokenizing, prefix and vocabulary classes)."""
+
+    model: LoadedModel
+    codec: FillMaskCodec
+
+
+@torch.inference_mode()
+def read_states(probe: Probe, rows: list[Row]) -> torch.Tensor:
+    """Final hidden state at each row's read position.  -> (N, H)
+
+    forward_rows' decoder path (the same padding, 4D mask and position ids from service/masks/fill.py), kept
+    here because this bench needs what forward_rows does not return: the states, and full distributions.
+    """
+    net = probe.model.fill_mask_model
+    assert net is not None
+    width = max(len(r.ids) for r in rows)
+    pad = int(probe.codec.tokenizer.pad_token_id or 0)
+    device = probe.model.device
+    ids = torch.tensor([[*r.ids, *[pad] * (width - len(r.ids))] for r in rows], device=device)  # (N, T)
+    masks = fill_attention([len(r.ids) for r in rows], probe.model.dtype, device)
+    hidden = net.base_model(
+        input_ids=ids, attention_mask=masks.attention, position_ids=masks.position_ids, use_cache=False
     ).last_hidden_state  # (N, T, H)
-    return hidden[torch.arange(len(rows)), torch.tensor(reads)].float()
+    return hidden[torch.arange(len(rows)), torch.tensor([r.reads[0] for r in rows])].cpu()  # (N, H)
+
+
+@torch.inference_mode()
+def log_probs(probe: Probe, rows: list[Row]) -> torch.Tensor:
+    """Log-probabilities at each row's read position, over the tokens that may fill a mask.  -> (N, V)"""
+    net = probe.model.fill_mask_model
+    assert net is not None
+    logits = net.get_output_embeddings()(read_states(probe, rows)).float()  # (N, V)
+    return torch.log_softmax(logits, dim=-1).masked_fill(~probe.codec.vocab.real, float("-inf"))
 
 
 def mean_pairwise_cosine(states: torch.Tensor) -> float:
-    unit = torch.nn.functional.normalize(states, dim=-1)  # (N, H)
+    unit = torch.nn.functional.normalize(states.float(), dim=-1)  # (N, H)
     sim = unit @ unit.T  # (N, N)
     n = len(states)
     return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
 
 
-def rows_for(scorer: FillMaskScorer, item: ClozeItem, prefix: list[int] | None = None) -> tuple[list[int], int]:
-    """The served input (prefix, left, mask, right) and where the mask is read; ``prefix`` replaces the
-    adapter's own prefix token."""
-    left, right, _ = scorer._parts(item.text)
-    ids, offset = scorer._wrap([*left, scorer.mask_token_id, *right])
-    if prefix is not None:
-        ids, offset = [*prefix, *ids[offset:]], len(prefix)
-    return ids, offset + len(left) - 1
+def row_for(probe: Probe, item: ClozeItem, extra: int = 0) -> Row:
+    """The served input (prefix, text with its mask) read where the mask is predicted; ``extra`` more copies
+    of the prefix token before it ("+BOS")."""
+    inp = probe.codec.encode(item.text, "inputs")
+    prefix = [probe.codec.prefix_id] * extra if probe.codec.prefix_id is not None else []
+    return Row((*prefix, *inp.ids), (probe.codec.read(inp.slots[0].index + len(prefix)),))
 
 
-def answer_ids(scorer: FillMaskScorer, word: str, *, spaced: bool) -> list[int]:
-    return list(scorer.tokenizer((" " if spaced else "") + word, add_special_tokens=False)["input_ids"])
+def answer_ids(probe: Probe, word: str, *, spaced: bool) -> list[int]:
+    return list(probe.codec.tokenizer((" " if spaced else "") + word, add_special_tokens=False)["input_ids"])
 
 
 def capitalised(word: str) -> str:
     return word[:1].upper() + word[1:]
 
 
-def plain_hits(scorer: FillMaskScorer, items: list[ClozeItem], prefix: list[int] | None) -> tuple[float, float, int]:
+def plain_hits(probe: Probe, items: list[ClozeItem], extra: int) -> tuple[float, float, int]:
     """Plain top-1 / top-5 (decoded token in the answers), and the number of distinct top-1 tokens."""
-    rows, reads = zip(*(rows_for(scorer, it, prefix) for it in items), strict=True)
-    logp = scorer._log_probs(list(rows), list(reads)).masked_fill(~scorer._real, float("-inf"))  # (N, V)
+    logp = log_probs(probe, [row_for(probe, it, extra) for it in items])  # (N, V)
     hit1 = hit5 = 0
     firsts = set()
     for item, row in zip(items, logp, strict=True):
         top = row.topk(5).indices.tolist()
-        words = [str(scorer.tokenizer.decode([i])).strip() for i in top]
+        words = [probe.codec.decode([i]).strip() for i in top]
         answers = {a.lower() for a in item.answers}
         hit1 += words[0].lower() in answers
         hit5 += any(w.lower() in answers for w in words)
@@ -92,11 +116,10 @@ def plain_hits(scorer: FillMaskScorer, items: list[ClozeItem], prefix: list[int]
     return hit1 / len(items), hit5 / len(items), len(firsts)
 
 
-def family_hits(scorer: FillMaskScorer, items: list[ClozeItem]) -> tuple[float, float]:
+def family_hits(probe: Probe, items: list[ClozeItem]) -> tuple[float, float]:
     """Plain top-1 / top-5 over one-piece answers when the spaced family is read at the first position:
     the rank of the best one-piece answer among all tokens, counting " Jupiter" as well as "Jupiter"."""
-    rows, reads = zip(*(rows_for(scorer, it) for it in items), strict=True)
-    logp = scorer._log_probs(list(rows), list(reads)).masked_fill(~scorer._real, float("-inf"))  # (N, V)
+    logp = log_probs(probe, [row_for(probe, it) for it in items])  # (N, V)
     hit1 = hit5 = 0
     for item, row in zip(items, logp, strict=True):
         order = row.argsort(descending=True)
@@ -106,7 +129,7 @@ def family_hits(scorer: FillMaskScorer, items: list[ClozeItem]) -> tuple[float, 
                 rank.get(ids[0], 10**6)
                 for a in item.answers
                 for spaced in (False, True)
-                for ids in [answer_ids(scorer, capitalised(a), spaced=spaced)]
+                for ids in [answer_ids(probe, capitalised(a), spaced=spaced)]
                 if len(ids) == 1
             ),
             default=10**6,
@@ -117,28 +140,28 @@ def family_hits(scorer: FillMaskScorer, items: list[ClozeItem]) -> tuple[float, 
     return hit1 / len(items), hit5 / len(items)
 
 
-def one_piece_share(scorer: FillMaskScorer, items: list[ClozeItem], *, spaced: bool, capital: bool) -> float:
+def one_piece_share(probe: Probe, items: list[ClozeItem], *, spaced: bool, capital: bool) -> float:
     """Share of items with an accepted answer that is a single sub-token in the given form."""
     ok = sum(
-        any(len(answer_ids(scorer, capitalised(a) if capital else a, spaced=spaced)) == 1 for a in it.answers)
+        any(len(answer_ids(probe, capitalised(a) if capital else a, spaced=spaced)) == 1 for a in it.answers)
         for it in items
     )
     return ok / len(items)
 
 
-def corpus_first_words(scorer: FillMaskScorer, corpus: Path, first_word_prob: float, limit: int) -> None:
+def corpus_first_words(probe: Probe, corpus: Path, first_word_prob: float, limit: int) -> None:
     lines = [line.strip() for line in corpus.read_text().splitlines() if line.strip()]
     lines = lines[:: max(1, len(lines) // limit)][:limit]
-    tok = scorer.tokenizer
+    tok = probe.codec.tokenizer
     for prob in sorted({0.0, first_word_prob}):
         obj = MaskedObjective(
             tok,
             InputMasking(ratio=0.2, strategy=MaskingStrategy.WHOLE_WORD),
-            scorer.mask_token_id,
+            probe.codec.mask_id,
             non_special_ids(tok, len(tok)),
             max_length=32,
             shift=True,
-            prefix_id=scorer.prefix_id,
+            prefix_id=probe.codec.prefix_id,
             first_word_prob=prob,
         )
         gen = torch.Generator().manual_seed(0)
@@ -169,7 +192,9 @@ def main() -> None:
     parser.add_argument("--first-word-prob", type=float, default=0.35)
     parser.add_argument("--corpus-limit", type=int, default=4000)
     args = parser.parse_args()
-    scorer = scorer_for(load_model(load_settings(adapter=args.adapter)))
+    settings = load_settings(adapter=args.adapter)
+    model = load_model(settings)
+    probe = Probe(model, FillMaskCodec(model, settings))
     items = read_cloze(DEFAULT_CLOZE)
     initial = [it for it in items if it.category == "sentence_initial"]
     mid = [it for it in items if it.category == "mid_sentence"]
@@ -180,9 +205,8 @@ def main() -> None:
     print(f"{'items':<18} {'read at':<16} {'mean cos':>8} {'distinct top-1':>14} {'top-1':>7} {'top-5':>7}")
     for name, group in (("sentence_initial", initial), ("mid_sentence", mid)):
         for extra in (0, 1):
-            rows, reads = zip(*(rows_for(scorer, it, extra) for it in group), strict=True)
-            cos = mean_pairwise_cosine(read_states(scorer, list(rows), list(reads)))
-            top1, top5, distinct = plain_hits(scorer, group, extra)
+            cos = mean_pairwise_cosine(read_states(probe, [row_for(probe, it, extra) for it in group]))
+            top1, top5, distinct = plain_hits(probe, group, extra)
             where = ("BOS (pos 0)" if name == "sentence_initial" else "word before") + (" +BOS" if extra else "")
             print(f"{name:<18} {where:<16} {cos:>8.3f} {distinct:>14} {top1:>7.1%} {top5:>7.1%}")
 
@@ -190,17 +214,17 @@ def main() -> None:
     print(f"{'items':<18} {'bare Capital':>12} {'spaced Capital':>14} {'spaced lower':>12}")
     for name, group in (("sentence_initial", initial), ("mid_sentence", mid)):
         shares = [
-            one_piece_share(scorer, group, spaced=False, capital=True),
-            one_piece_share(scorer, group, spaced=True, capital=True),
-            one_piece_share(scorer, group, spaced=True, capital=False),
+            one_piece_share(probe, group, spaced=False, capital=True),
+            one_piece_share(probe, group, spaced=True, capital=True),
+            one_piece_share(probe, group, spaced=True, capital=False),
         ]
         print(f"{name:<18} {shares[0]:>12.1%} {shares[1]:>14.1%} {shares[2]:>12.1%}")
-    t1, t5 = family_hits(scorer, initial)
+    t1, t5 = family_hits(probe, initial)
     print(f"sentence_initial, a bare or a spaced token of an answer counts: top-1 {t1:.1%}, top-5 {t5:.1%}")
 
     if args.corpus:
         print("\n3. how often training masks the first word (20% whole-word masking, batches of 16)")
-        corpus_first_words(scorer, args.corpus, args.first_word_prob, args.corpus_limit)
+        corpus_first_words(probe, args.corpus, args.first_word_prob, args.corpus_limit)
 
 
 if __name__ == "__main__":

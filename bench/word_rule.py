@@ -1,11 +1,12 @@
-"""What the whole-word rule (service/engine/lexicon.py) removes, from an evaluation's saved predictions.
+"""What the whole-word rule (service/engine/lexicon.py) would remove, from an evaluation's saved predictions.
 
-    maskserve eval fill-mask --mode whole_word --json preds.json     # keeps the candidates before the rule
+    maskserve eval fill-mask --mode whole_word --json preds.json     # the engine's top 5 of every item
     python bench/word_rule.py preds.json [--show 100]
 
-Every candidate of every item's top 5 before the rule is a sample of what the search offers; the table
-counts those the rule removes, and among them the accepted cloze answers (wrongly removed). ``--show``
-prints that many removed candidates, to judge by eye which were words.
+The evaluator scores with the engine's search, which does not apply the rule (yet): every candidate of every
+item's top 5 is a sample of what the search offers; the table counts those the rule would remove, and among
+them the accepted cloze answers (wrongly removed). ``--show`` prints that many removed candidates, to judge by
+eye which were words.
 """
 
 from __future__ import annotations
@@ -27,17 +28,14 @@ def main() -> None:
     shown: list[str] = []
     for row in rows:
         answers = {a.lower() for a in row["answers"]}
-        kept = set(row["predictions"])
-        for cand in row["before_word_rule"]:
+        for cand in row["predictions"]:
             seen += 1
-            # the evaluator ranks lower-cased words; the rule saw the spelling the model wrote, which the
-            # kept list reflects: a candidate missing from it and failing the rule (any case) was removed
-            if cand in kept or is_word(cand) or is_word(cand.capitalize()):
+            if is_word(cand) or is_word(cand.capitalize()):  # a sentence-initial fill may be capitalised
                 continue
             removed += 1
-            answers_removed += cand in answers
+            answers_removed += cand.lower() in answers
             shown.append(f"{cand!r} ({row['text']})")
-    print(f"{len(rows)} items, {seen} candidates in the top 5 before the rule")
+    print(f"{len(rows)} items, {seen} candidates in the top 5")
     print(f"{'removed':>8} {'share':>7} {'accepted answers among them':>28}")
     print(f"{removed:>8} {removed / max(1, seen):>7.1%} {answers_removed:>28}")
     for line in shown[: args.show]:

@@ -28,8 +28,11 @@ from transformers import PreTrainedModel
 
 from bench.experiments.common import Clock, Result, fmt_pm, markdown_table, new_figure, parse_args, publish, t_ci
 from bench.experiments.training import small_model, train
+from service.config import load_settings
+from service.engine.fill.driver import FillDriver
+from service.engine.loading import ModelKind
 from service.masks.input import InputMasking, MaskingStrategy
-from service.training.eval import ClozeItem, EvalMode, FillMaskScorer, evaluate
+from service.training.eval import ClozeItem, EvalMode, evaluate, training_model
 from service.training.objectives import MaskedObjective, non_special_ids
 from tests.tiny import OBJECTS, SUBJECTS, VERBS
 
@@ -64,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     n_train, steps, every, hidden = (64, 4, 2, 32) if run.smoke else (3000, 800, 100, 128)
     _, tok = small_model("encoder", hidden=hidden, layers=2, seed=0)
     mask_id = int(tok.mask_token_id)
+    settings = load_settings(adapter="none")  # the serving limits the evaluator's requests are checked against
     checkpoints = list(range(every, steps + 1, every))
 
     # ratio -> (seeds, checkpoints, [top-1, top-5]) in %
@@ -79,7 +83,8 @@ def main(argv: Sequence[str] | None = None) -> Result:
 
             def score(step: int, model: PreTrainedModel = model, curve: list[list[float]] = curve,
                       items: list[ClozeItem] = cloze) -> None:  # fmt: skip
-                plain = evaluate(FillMaskScorer(model, tok, mask_id, mntp=False), items, [EvalMode.PLAIN])["plain"]
+                loaded = training_model(model, tok, ModelKind.ENCODER, str(tok.mask_token), None)
+                plain = evaluate(FillDriver(loaded, settings), items, [EvalMode.PLAIN])["plain"]
                 assert isinstance(plain, dict)
                 curve.append([100 * plain["top1"], 100 * plain["top5"]])
 
@@ -120,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> Result:
     notes = (f"{len(seeds)} seeds (mean ± 95% t-interval); {n_train} training examples (three sentences each), "
              f"{steps} steps of 16, lr 1e-3, a {hidden}-wide 2-layer BERT from scratch, the cloze set scored every "
              f"{every} steps; {len(cloze)} held-out cloze items a seed (one masked word, the project's "
-             "FillMaskScorer, plain mode).")  # fmt: skip
+             "evaluator, which runs the server's fill-mask search; plain mode).")  # fmt: skip
     return publish(run, NAME, "Experiment 4 — input masking ratio for MLM", table, fig, notes=notes, rows=records,
                    clock=clock)  # fmt: skip
 

@@ -223,7 +223,7 @@ def resolve_adapter(settings: Settings) -> Path | None:
     return Path(settings.adapter)
 
 
-def _max_length(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+def max_length_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
     candidates = [getattr(model.config, "max_position_embeddings", None), tokenizer.model_max_length]
     return int(min(c for c in candidates if isinstance(c, int) and 0 < c < 1_000_000_000) or 512)
 
@@ -279,7 +279,7 @@ def load_model(settings: Settings) -> LoadedModel:
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
-        max_length=min(_max_length(tokenizer, base), settings.max_input_tokens),
+        max_length=min(max_length_of(tokenizer, base), settings.max_input_tokens),
         fill_mask_model=fill,
         generation_model=gen,
         mask_token=mask_token,

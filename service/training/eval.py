@@ -3,48 +3,53 @@
 File format (``service/data/cloze.tsv``): ``category<TAB>sentence<TAB>answer|answer`` (or without the
 category column); ``#`` lines are comments. JSONL works too: ``{"text", "answers", "category"?}``.
 
-Two modes:
-- ``plain``: ``[MASK]`` becomes one mask token; the top-k tokens at that position, as decoded words;
-- ``whole_word``: ``[MASK]`` becomes 1..``max_word_tokens`` mask tokens; for each length a beam search fills
-  them left to right with tokens that form one word (a word-start token, then continuations), and the
-  candidates of all lengths compete on a length-fair score, the mean log-probability per token.
+One scorer (issue 14): each item is a ``POST /v1/fill-mask`` request, turned into a job by the serving code
+(``service/api/serving/fill_mask.py``) and searched by the engine (``service/engine/fill/``, run
+synchronously by its driver), so an evaluated answer is exactly what the server answers. Two modes:
+- ``plain``: ``{"inputs": text, "parameters": {"top_k": 5}}``, the top single sub-tokens at the mask;
+- ``whole_word``: ``{"whole_word": true}`` as well: 1..MASKSERVE_MAX_WORD_TOKENS sub-tokens filled as one
+  word, ranked by the geometric mean of their probabilities (see ``service/engine/fill/search.py``).
 
-The convention matches serving: the merged model under a bidirectional 4D mask; with MNTP the logits for
-position i are read at i-1 and a prefix token (BOS) starts the sentence; the masked word carries its leading
-space (``"The [MASK] barked"`` is ``"The" + mask + " barked"``, the fill is ``" dog"``), as the tokenizer
-splits words. Answers are compared case-insensitively.
+A prediction is the candidate's ``token_str`` without its spaces; answers are compared case-insensitively.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import random
 import shlex
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from service.api.protocol.fill_mask import FillMaskParameters, FillMaskRequest
+from service.api.serving.fill_mask import fill_mask_job
 from service.config import Settings
-from service.engine.lexicon import is_word
-from service.engine.loading import LoadedModel, load_model, read_adapter_meta
-from service.masks.attention import bidirectional_mask, padding_mask, position_ids, to_4d
+from service.engine.fill.driver import FillDriver
+from service.engine.fill.job import FillCandidate
+from service.engine.loading import (
+    UNIVERSAL_MASK,
+    AdapterObjective,
+    LoadedModel,
+    ModelKind,
+    load_model,
+    max_length_of,
+)
 from service.training.config import BOTH_MODES, EvalMode, FillMaskEvalConfig
-from service.training.objectives import decoder_parts
 from service.training.report import refresh_card
 
-CLOZE_MASK = "[MASK]"
+CLOZE_MASK = UNIVERSAL_MASK  # the placeholder every served model accepts
 DEFAULT_CLOZE = Path(__file__).resolve().parent.parent / "data" / "cloze.tsv"
-# Word pieces are letters and digits: hyphen and apostrophe pieces would let "sea-muck" or "dog's"
-# variants crowd the top 5 with spellings of one guess.
-WORD_CHARS = re.compile(r"[A-Za-z0-9]+")
+TOP_K = 5  # top-5 accuracy needs five candidates
+SAMPLED_ANSWERS = 100  # whole-word answers the report shows, so a reader can see they are words
+SAMPLE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -74,202 +79,62 @@ def read_cloze(path: Path) -> list[ClozeItem]:
     return items
 
 
-@dataclass
-class FillMaskScorer:
-    """Scores fills of one ``[MASK]`` with a model that fills masks (encoder, or decoder + MNTP)."""
-
-    model: Any  # a PreTrainedModel or a PeftModel around one
-    tokenizer: PreTrainedTokenizerBase
-    mask_token_id: int
-    mntp: bool  # read position i's logits at i-1, and prepend ``prefix_id``
-    prefix_id: int | None = None
-    beam: int = 5
-    max_word_tokens: int = 4
-    length_alpha: float = 0.5  # see rank_words
-    words_only: bool = True  # whole-word candidates must pass service/engine/lexicon.py's is_word
-
-    def __post_init__(self) -> None:
-        vocab = int(self.model.get_output_embeddings().weight.shape[0])
-        tokens = self.tokenizer.convert_ids_to_tokens(list(range(min(vocab, len(self.tokenizer)))))
-        special = set(self.tokenizer.all_special_ids) | set(getattr(self.tokenizer, "added_tokens_decoder", {}))
-        # WordPiece marks continuations ("##ing"); byte-level BPE / SentencePiece mark word starts ("Ġdog").
-        # Count both: a BPE vocabulary may hold a few "##..." tokens (markdown) too.
-        marks_start = sum(1 for t in tokens if t and t.startswith(("Ġ", "▁")))
-        wordpiece = sum(1 for t in tokens if t and t.startswith("##")) > marks_start
-        self._start_space = torch.zeros(vocab, dtype=torch.bool)  # a word start after a space
-        self._start_bare = torch.zeros(vocab, dtype=torch.bool)  # a word start with no space (sentence start)
-        self._cont = torch.zeros(vocab, dtype=torch.bool)  # continues the word
-        self._real = torch.zeros(vocab, dtype=torch.bool)
-        for i, tok in enumerate(tokens):
-            if i in special or tok is None:
-                continue
-            self._real[i] = True
-            if wordpiece:
-                body, spaced, cont = tok.removeprefix("##"), False, tok.startswith("##")
-            else:
-                spaced = tok.startswith(("Ġ", "▁"))
-                body, cont = tok[1:] if spaced else tok, not spaced
-            if not WORD_CHARS.fullmatch(body):
-                continue
-            if cont:
-                self._cont[i] = True
-            if wordpiece or spaced:
-                self._start_space[i] = True
-            if wordpiece or not spaced:
-                self._start_bare[i] = True
-
-    # -- inputs -------------------------------------------------------------------------------------------
-    def _parts(self, text: str) -> tuple[list[int], list[int], bool]:
-        left, right = text.split(CLOZE_MASK)
-        spaced = left.endswith(" ") or left == ""
-        left_ids = list(self.tokenizer(left.rstrip(), add_special_tokens=False)["input_ids"]) if left.strip() else []
-        right_ids = list(self.tokenizer(right, add_special_tokens=False)["input_ids"]) if right else []
-        return left_ids, right_ids, spaced and bool(left.strip())
-
-    def _wrap(self, ids: list[int]) -> tuple[list[int], int]:
-        """Add the prefix (MNTP) or the tokenizer's specials (encoders); returns ids and the offset of ids[0]."""
-        if self.mntp:
-            return ([self.prefix_id, *ids], 1) if self.prefix_id is not None else (ids, 0)
-        cls, sep = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id
-        if cls is not None and sep is not None:  # BERT-style [CLS] ... [SEP], as the tokenizer itself adds
-            return [int(cls), *ids, int(sep)], 1
-        return ids, 0
-
-    @torch.no_grad()
-    def _log_probs(self, rows: list[list[int]], read_at: list[int]) -> Tensor:
-        """Log-probabilities at one position per row (already shifted for MNTP).  -> (N, V)"""
-        lengths = [len(r) for r in rows]
-        width = max(lengths)
-        pad = int(self.tokenizer.pad_token_id or 0)
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)  # (N, T)
-        key = padding_mask(lengths, width, device=device)  # (N, T)
-        mask = to_4d(key, bidirectional_mask(width, device=device))  # (N, 1, T, T)
-        rows_idx = torch.arange(len(rows), device=device)
-        read = torch.tensor(read_at, device=device)
-        if self.mntp:  # a decoder: run the LM head at the read positions only (~20% of the compute)
-            body, head = decoder_parts(self.model)
-            hidden = body(input_ids=ids, attention_mask=mask, position_ids=position_ids(key)).last_hidden_state
-            picked = head(hidden[rows_idx, read])  # (N, V)
-        else:
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(key)).logits
-            picked = logits[rows_idx, read]  # (N, V)
-        return torch.log_softmax(picked.float(), dim=-1).cpu()
-
-    # -- predictions --------------------------------------------------------------------------------------
-    def plain(self, text: str, k: int = 5) -> list[str]:
-        """The top-k single tokens at the mask, decoded and stripped."""
-        left, right, _ = self._parts(text)
-        ids, offset = self._wrap([*left, self.mask_token_id, *right])
-        pos = offset + len(left) - (1 if self.mntp else 0)
-        logp = self._log_probs([ids], [pos])[0].masked_fill(~self._real, float("-inf"))
-        return [str(self.tokenizer.decode([int(i)])).strip() for i in logp.topk(k).indices]
-
-    def whole_word(self, text: str, k: int = 5) -> list[tuple[str, float]]:
-        """Best whole-word fills over 1..max_word_tokens sub-tokens, by length-fair score (words only)."""
-        return self.whole_word_both(text, k)[0]
-
-    def whole_word_both(self, text: str, k: int = 5) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-        """(the ranked fills that are words, all ranked fills): what the word rule keeps and what it sees."""
-        candidates = self.word_candidates(text)
-        everything = rank_words(candidates, self.length_alpha)
-        if not self.words_only:
-            return everything[:k], everything[:k]
-        words = rank_words([c for c in candidates if is_word(c[0], pieces=c[2])], self.length_alpha)
-        return words[:k], everything[:k]
-
-    def word_candidates(self, text: str) -> list[tuple[str, float, int]]:
-        """(word, summed log-probability, sub-tokens) for the final beams of every length.
-
-        One beam search per length n, run side by side: step j fills the j-th mask of every length
-        n > j in a single forward.
-        """
-        left, right, spaced = self._parts(text)
-        first_ok = self._start_space if spaced else self._start_bare
-        lengths = range(1, self.max_word_tokens + 1)
-        beams: dict[int, list[tuple[list[int], float]]] = {n: [([], 0.0)] for n in lengths}
-        for j in range(self.max_word_tokens):
-            active = [n for n in lengths if n > j and beams[n]]
-            rows, reads, owners = [], [], []
-            for n in active:
-                for b, (fill, _) in enumerate(beams[n]):
-                    ids, offset = self._wrap([*left, *fill, *[self.mask_token_id] * (n - j), *right])
-                    rows.append(ids)
-                    reads.append(offset + len(left) + j - (1 if self.mntp else 0))
-                    owners.append((n, b))
-            if not rows:
-                break
-            allowed = first_ok if j == 0 else self._cont
-            logp = self._log_probs(rows, reads).masked_fill(~allowed, float("-inf"))  # (rows, V)
-            for n in active:
-                idx = [r for r, (owner, _) in enumerate(owners) if owner == n]
-                prev = beams[n]
-                scores = logp[idx] + torch.tensor([s for _, s in prev])[:, None]  # (beams, V)
-                top = scores.flatten().topk(self.beam)
-                width = scores.shape[1]
-                beams[n] = [
-                    ([*prev[int(f) // width][0], int(f) % width], float(v))
-                    for f, v in zip(top.indices, top.values, strict=True)
-                    if v > float("-inf")
-                ]
-        return [
-            (str(self.tokenizer.decode(fill)).strip(), score, n)
-            for n in lengths
-            for fill, score in beams[n]
-            if len(fill) == n
-        ]
+def cloze_request(item: ClozeItem, mode: EvalMode, top_k: int = TOP_K) -> FillMaskRequest:
+    """The item as a client would ask the server for it."""
+    parameters = FillMaskParameters(top_k=top_k, whole_word=mode is EvalMode.WHOLE_WORD)
+    return FillMaskRequest(inputs=item.text, parameters=parameters)
 
 
-def rank_words(candidates: list[tuple[str, float, int]], alpha: float) -> list[tuple[str, float]]:
-    """Rank words by ``sum log p / n ** alpha`` (alpha 1 = mean per token, 0 = joint probability).
-
-    A word's later pieces are nearly certain once its first is chosen, so the mean (alpha 1) favours long
-    words and the sum (alpha 0) short ones; the default sits between (the length penalty of Wu et al.
-    2016 serves the same purpose in beam search). Each word keeps its best spelling's score.
-    """
-    best: dict[str, float] = {}
-    for word, total, n in candidates:
-        score = total / n**alpha
-        if word and score > best.get(word.lower(), float("-inf")):
-            best[word.lower()] = score
-    return sorted(best.items(), key=lambda kv: -kv[1])
+def predict(
+    driver: FillDriver, items: Sequence[ClozeItem], mode: EvalMode, top_k: int = TOP_K
+) -> Iterator[list[FillCandidate]]:
+    """Each item's ranked candidates, as POST /v1/fill-mask ranks them (the items' jobs search together)."""
+    jobs = [fill_mask_job(cloze_request(item, mode, top_k), driver.codec, driver.settings) for item in items]
+    for result in driver.run(jobs):
+        yield result[0][0]  # one input, one mask
 
 
-def evaluate(scorer: FillMaskScorer, items: Sequence[ClozeItem], modes: Sequence[EvalMode]) -> dict[str, Any]:
-    """Top-1 / top-5 accuracy per mode, per category, and every prediction (for inspection)."""
+def answer_text(candidate: FillCandidate) -> str:
+    """What is compared with the accepted answers: the rendered fill without the space it carries."""
+    return candidate.token_str.strip()
+
+
+def score(items: Sequence[ClozeItem], predictions: Sequence[Sequence[FillCandidate]]) -> dict[str, Any]:
+    """Top-1 / top-5 accuracy, per category, and every item's predictions (for inspection)."""
+    hits1 = hits5 = 0
+    by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+    rows = []
+    for item, cands in zip(items, predictions, strict=True):
+        preds = [answer_text(c) for c in cands[:TOP_K]]
+        answers = {a.lower() for a in item.answers}
+        lowered = [p.lower() for p in preds]
+        top1 = bool(lowered) and lowered[0] in answers
+        top5 = any(p in answers for p in lowered)
+        hits1 += top1
+        hits5 += top5
+        cat = by_cat[item.category or "all"]
+        cat[0] += 1
+        cat[1] += top1
+        cat[2] += top5
+        rows.append({"text": item.text, "category": item.category, "answers": list(item.answers),
+                     "predictions": preds, "scores": [c.score for c in cands[:TOP_K]], "top1": top1,
+                     "top5": top5})  # fmt: skip
+    n = max(1, len(items))
+    return {
+        "top1": hits1 / n,
+        "top5": hits5 / n,
+        "categories": {c: {"n": v[0], "top1": v[1] / v[0], "top5": v[2] / v[0]} for c, v in sorted(by_cat.items())},
+        "items": rows,
+    }
+
+
+def evaluate(driver: FillDriver, items: Sequence[ClozeItem], modes: Sequence[EvalMode]) -> dict[str, Any]:
+    """Per mode, :func:`score` of the engine's predictions."""
     result: dict[str, Any] = {"n": len(items)}
     for mode in modes:
-        hits1 = hits5 = 0
-        by_cat: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-        rows = []
-        for item in tqdm(items, desc=f"cloze {mode.value}", mininterval=10.0, leave=False):
-            unfiltered: list[str] | None = None
-            if mode is EvalMode.PLAIN:
-                preds = scorer.plain(item.text)
-            else:
-                kept, seen = scorer.whole_word_both(item.text)
-                preds, unfiltered = [w for w, _ in kept], [w for w, _ in seen]
-            answers = {a.lower() for a in item.answers}
-            lowered = [p.lower() for p in preds]
-            top1 = bool(lowered) and lowered[0] in answers
-            top5 = any(p in answers for p in lowered[:5])
-            hits1 += top1
-            hits5 += top5
-            cat = by_cat[item.category or "all"]
-            cat[0] += 1
-            cat[1] += top1
-            cat[2] += top5
-            rows.append({"text": item.text, "category": item.category, "answers": list(item.answers),
-                         "predictions": preds[:5], "top1": top1, "top5": top5})  # fmt: skip
-            if unfiltered is not None:
-                rows[-1]["before_word_rule"] = unfiltered
-        n = max(1, len(items))
-        result[mode.value] = {
-            "top1": hits1 / n,
-            "top5": hits5 / n,
-            "categories": {c: {"n": v[0], "top1": v[1] / v[0], "top5": v[2] / v[0]} for c, v in sorted(by_cat.items())},
-            "items": rows,
-        }
+        bar = tqdm(predict(driver, items, mode), total=len(items), desc=f"cloze {mode.value}", mininterval=10.0,
+                   leave=False)  # fmt: skip
+        result[mode.value] = score(items, list(bar))
     return result
 
 
@@ -293,18 +158,17 @@ def category_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def scorer_for(loaded: LoadedModel) -> FillMaskScorer:
-    """A scorer for a served model: an encoder, or a decoder with its MNTP adapter merged."""
-    if loaded.fill_mask_model is None or loaded.mask_token_id is None:
-        raise ValueError(f"{loaded.name} cannot fill masks (a decoder needs an MNTP adapter)")
-    prefix_id = None
-    if loaded.mntp:
-        meta = read_adapter_meta(Path(loaded.adapter)) if loaded.adapter else {}
-        prefix = meta.get("prefix_token", loaded.tokenizer.bos_token)
-        prefix_id = token_id(loaded.tokenizer, str(prefix)) if prefix else None
-    return FillMaskScorer(
-        loaded.fill_mask_model, loaded.tokenizer, loaded.mask_token_id, mntp=loaded.mntp, prefix_id=prefix_id
-    )
+def answer_sample(result: dict[str, Any], n: int = SAMPLED_ANSWERS, seed: int = SAMPLE_SEED) -> str:
+    """About ``n`` whole-word answers: the top 5 of items drawn with a fixed seed, one item a line."""
+    rows = result[EvalMode.WHOLE_WORD.value]["items"]
+    lines, shown = [], 0
+    for i in random.Random(seed).sample(range(len(rows)), len(rows)):
+        if shown >= n:
+            break
+        preds = rows[i]["predictions"]
+        lines.append(f"  {rows[i]['text']}  ->  {' | '.join(preds)}")
+        shown += len(preds)
+    return "\n".join([f"{shown} whole-word answers of {len(lines)} items drawn with seed {seed}:", *lines])
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -313,8 +177,38 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             for k, v in result.items()}  # fmt: skip
 
 
+def training_model(
+    net: Any, tokenizer: PreTrainedTokenizerBase, kind: ModelKind, mask_token: str, adapter_dir: Path | None
+) -> LoadedModel:
+    """A model in training, as the engine's fill-mask sees a loaded one (``adapter_dir``: its adapter's
+    directory, whose ``maskserve.json`` names the MNTP prefix token; None: the tokenizer's BOS).
+
+    A PEFT model is read through ``get_base_model()``, the transformers model with the LoRA layers injected
+    and not merged: ``forward_rows`` calls ``net.base_model`` for hidden states, which on a PeftModel is
+    PEFT's LoraModel (its output has logits only). Not merged, because merging would rewrite the training
+    model in place (or copy it); unmerged LoRA computes the same function up to rounding. The served model
+    differs by the adapter's export dtype only (``--save-dtype``).
+    """
+    model = net.get_base_model() if hasattr(net, "get_base_model") else net
+    param = next(model.parameters())
+    return LoadedModel(
+        name=str(getattr(model.config, "name_or_path", "")) or "training",
+        kind=kind,
+        tokenizer=tokenizer,
+        device=param.device,
+        dtype=param.dtype,
+        max_length=max_length_of(tokenizer, model),
+        fill_mask_model=model,
+        generation_model=None,
+        mask_token=mask_token,
+        mask_token_id=token_id(tokenizer, mask_token),
+        adapter=str(adapter_dir) if adapter_dir is not None else None,
+        adapter_objective=AdapterObjective.MNTP if kind is ModelKind.DECODER else None,
+    )
+
+
 def run_cli(settings: Settings, cfg: FillMaskEvalConfig) -> int:
-    """``maskserve eval fill-mask``: load the model as served, score the cloze file, print the table."""
+    """``maskserve eval fill-mask``: load the model as served, score the cloze file, print the tables."""
     cloze = cfg.cloze or DEFAULT_CLOZE
     items = read_cloze(Path(cloze))
     if cfg.limit:
@@ -323,10 +217,14 @@ def run_cli(settings: Settings, cfg: FillMaskEvalConfig) -> int:
     if settings.torch_threads:  # on a shared CPU, oversubscribed threads cost far more than they give
         torch.set_num_threads(settings.torch_threads)
     loaded = load_model(settings)
-    result = evaluate(scorer_for(loaded), items, modes)
+    if loaded.fill_mask_model is None:
+        raise ValueError(f"{loaded.name} cannot fill masks (a decoder needs an MNTP adapter)")
+    result = evaluate(FillDriver(loaded, settings), items, modes)
     print(f"model {loaded.name}, adapter {loaded.adapter}, cloze {cloze}")
     print(summary_table(result))
     print(category_table(result))
+    if EvalMode.WHOLE_WORD.value in result:
+        print(answer_sample(result))
     if cfg.json:
         Path(cfg.json).write_text(json.dumps(result, indent=2) + "\n")
     if cfg.update_card:

@@ -293,7 +293,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         write_json(out / "adapter_config.json", {**adapter_config, "base_model_name_or_path": cfg.model})
         cloze = None
         if cfg.cloze and objective is not Objective.SFT:
-            cloze = _evaluate_cloze(cfg, model, tokenizer, obj, env)
+            cloze = _evaluate_cloze(cfg, model, tokenizer, kind, str(meta["mask_token"]))
         sources_path = Path(cfg.data + ".sources.json")
         last = [v for _, v in history["train"][-50:]]
         metrics = {
@@ -335,24 +335,26 @@ def _autocast(cfg: FinetuneConfig, env: Dist) -> contextlib.AbstractContextManag
 
 
 def _evaluate_cloze(
-    cfg: FinetuneConfig, model: nn.Module, tokenizer: Any, obj: MaskedObjective | SftObjective, env: Dist
+    cfg: FinetuneConfig, model: nn.Module, tokenizer: Any, kind: ModelKind, mask_token: str
 ) -> dict[str, Any]:
+    """The cloze set through the engine's fill-mask (the served scorer) on the model just trained; the adapter
+    is already saved, so its maskserve.json gives the prefix token as it will when served."""
+    from service.engine.fill.driver import FillDriver
     from service.training.eval import (
         DEFAULT_CLOZE,
         EvalMode,
-        FillMaskScorer,
         evaluate,
         read_cloze,
         summarize,
         summary_table,
+        training_model,
     )
 
-    assert isinstance(obj, MaskedObjective)
     items = read_cloze(DEFAULT_CLOZE if cfg.cloze == "default" else Path(cfg.cloze))
     if cfg.cloze_limit:
         items = items[: cfg.cloze_limit]
-    scorer = FillMaskScorer(model, tokenizer, obj.mask_token_id, mntp=obj.shift, prefix_id=obj.prefix_id)
-    result = evaluate(scorer, items, [EvalMode.WHOLE_WORD, EvalMode.PLAIN])
+    loaded = training_model(model, tokenizer, kind, mask_token, Path(cfg.out))
+    result = evaluate(FillDriver(loaded, load_settings()), items, [EvalMode.WHOLE_WORD, EvalMode.PLAIN])
     print(summary_table(result), flush=True)
     write_json(Path(cfg.out) / "cloze_eval.json", result)
     return summarize(result)

@@ -1,16 +1,33 @@
-"""Cloze evaluation: the file reader, word ranking, the accuracy arithmetic, the word-piece rules."""
+"""Cloze evaluation: the file reader, the accuracy arithmetic, and the one scorer: the evaluator's answers
+are POST /v1/fill-mask's, on the served model and on a model in training."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from fastapi.testclient import TestClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
-from service.engine.lexicon import is_word
-from service.training.eval import ClozeItem, EvalMode, FillMaskScorer, evaluate, rank_words, read_cloze
-from tests.tiny import token_id
+from service.app import create_app
+from service.config import Settings
+from service.engine.fill.driver import FillDriver
+from service.engine.fill.job import FillCandidate
+from service.engine.loading import LoadedModel, ModelKind
+from service.training.eval import (
+    ClozeItem,
+    EvalMode,
+    answer_sample,
+    evaluate,
+    predict,
+    read_cloze,
+    score,
+    training_model,
+)
 
 BUNDLED_CLOZE = Path(__file__).resolve().parents[2] / "service" / "data" / "cloze.tsv"
 
@@ -45,55 +62,89 @@ def test_read_cloze_formats_and_errors(tmp_path: Path) -> None:
         read_cloze(bad)
 
 
-def test_rank_words_length_penalty() -> None:
-    candidates = [("dog", -2.0, 1), ("doggo", -3.0, 2), ("Dog", -2.5, 1)]
-    # alpha 0: joint probability; alpha 1: mean per sub-token; each word keeps its best spelling
-    assert rank_words(candidates, 0.0) == [("dog", -2.0), ("doggo", -3.0)]
-    assert rank_words(candidates, 1.0) == [("doggo", -1.5), ("dog", -2.0)]
-    assert rank_words(candidates, 0.5)[0][0] == "dog"  # -3 / sqrt(2) = -2.12 < -2.0
+def fake(words: list[str]) -> list[FillCandidate]:
+    return [FillCandidate(f"... {w} ...", 0.1, 0, f" {w}", (0,)) for w in words]
 
 
-class FakeScorer:
-    def __init__(self, predictions: dict[str, list[str]]) -> None:
-        self.predictions = predictions
-
-    def plain(self, text: str, k: int = 5) -> list[str]:
-        return self.predictions[text][:k]
-
-    def whole_word(self, text: str, k: int = 5) -> list[tuple[str, float]]:
-        return [(w, 0.0) for w in self.predictions[text][:k]]
-
-    def whole_word_both(self, text: str, k: int = 5) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-        return self.whole_word(text, k), self.whole_word(text, k)
-
-
-def test_evaluate_counts_top1_and_top5() -> None:
+def test_score_counts_top1_and_top5_on_the_rendered_fill() -> None:
     items = [
-        ClozeItem("a [MASK]", ("dog",), "x"),  # top-1 hit (case-insensitive)
+        ClozeItem("a [MASK]", ("dog",), "x"),  # top-1 hit (case-insensitive, the fill's space dropped)
         ClozeItem("b [MASK]", ("cat",), "x"),  # top-5 hit only
         ClozeItem("c [MASK]", ("owl",), "y"),  # miss: 6th place does not count
     ]
-    scorer = FakeScorer({"a [MASK]": ["Dog"], "b [MASK]": ["x", "y", "cat"], "c [MASK]": list("abcde") + ["owl"]})
-    result = evaluate(scorer, items, [EvalMode.PLAIN, EvalMode.WHOLE_WORD])  # type: ignore[arg-type]
-    for mode in ("plain", "whole_word"):
-        assert result[mode]["top1"] == pytest.approx(1 / 3)
-        assert result[mode]["top5"] == pytest.approx(2 / 3)
-        assert result[mode]["categories"] == {
-            "x": {"n": 2, "top1": 0.5, "top5": 1.0},
-            "y": {"n": 1, "top1": 0.0, "top5": 0.0},
-        }
+    result = score(items, [fake(["Dog"]), fake(["x", "y", "cat"]), fake([*"abcde", "owl"])])
+    assert result["top1"] == pytest.approx(1 / 3)
+    assert result["top5"] == pytest.approx(2 / 3)
+    assert result["categories"] == {"x": {"n": 2, "top1": 0.5, "top5": 1.0}, "y": {"n": 1, "top1": 0.0, "top5": 0.0}}
+    assert result["items"][2]["predictions"] == list("abcde")  # per item, the top 5 as compared
 
 
-def test_whole_word_fills_are_single_words(tiny_llama_dir: Path) -> None:
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    scorer = FillMaskScorer(model, tok, token_id(tok, "<mask>"), mntp=True, prefix_id=tok.bos_token_id)
-    candidates = scorer.word_candidates("the dog [MASK] the red ball.")
-    assert {n for _, _, n in candidates} == {1, 2, 3, 4}
-    for word, _, _ in candidates:
-        assert word.isalnum()  # a word start then continuations: no spaces, no punctuation
-    kept, seen = scorer.whole_word_both("the dog [MASK] the red ball.", k=5)
-    assert len(seen) == 5
-    assert kept == [ws for ws in seen if is_word(ws[0])][: len(kept)]  # the rule drops non-words, keeps the order
-    assert all(is_word(w) for w, _ in kept)
-    assert len(scorer.plain("the dog [MASK] the red ball.", k=3)) == 3
+def test_answer_sample_is_fixed_and_about_a_hundred_answers() -> None:
+    items = [{"text": f"s{i} [MASK]", "predictions": [f"w{i}{j}" for j in range(5)]} for i in range(50)]
+    result = {"whole_word": {"items": items}}
+    text = answer_sample(result)
+    assert text == answer_sample(result)  # a fixed seed
+    assert len(text.splitlines()) == 1 + 20  # the heading, then 20 items of 5 answers
+
+
+# --- one scorer: the evaluator answers what the server answers ---------------------------------------------
+
+SENTENCES = ["the dog [MASK] the red ball.", "[MASK] cat likes some bread.", "my friend visits the old [MASK]."]
+
+
+@pytest.fixture(scope="module")
+def served(mntp_settings: Settings, tiny_mntp: LoadedModel) -> Iterator[TestClient]:
+    with TestClient(create_app(mntp_settings, loaded=tiny_mntp)) as client:
+        yield client
+
+
+def server_answer(client: TestClient, text: str, mode: EvalMode) -> list[dict[str, Any]]:
+    parameters = {"top_k": 5, "whole_word": mode is EvalMode.WHOLE_WORD}
+    response = client.post("/v1/fill-mask", json={"inputs": text, "parameters": parameters})
+    assert response.status_code == 200
+    answer: list[dict[str, Any]] = response.json()
+    return answer
+
+
+def assert_same(ours: list[FillCandidate], theirs: list[dict[str, Any]], tol: float) -> None:
+    assert [(c.token_str, c.token, c.sequence) for c in ours] == [
+        (c["token_str"], c["token"], c["sequence"]) for c in theirs
+    ]
+    assert [c.score for c in ours] == pytest.approx([c["score"] for c in theirs], abs=tol)
+
+
+@pytest.mark.parametrize("mode", list(EvalMode))
+def test_the_evaluator_answers_what_the_server_answers(
+    served: TestClient, tiny_mntp: LoadedModel, mntp_settings: Settings, mode: EvalMode
+) -> None:
+    items = [ClozeItem(s, ("x",)) for s in SENTENCES]
+    ours = list(predict(FillDriver(tiny_mntp, mntp_settings), items, mode))  # the items' jobs batched together
+    for text, cands in zip(SENTENCES, ours, strict=True):
+        assert len(cands) == 5
+        assert_same(cands, server_answer(served, text, mode), 1e-6)
+
+
+def test_a_model_in_training_is_scored_as_it_will_be_served(
+    tiny_llama_dir: Path, tiny_mntp_adapter_dir: Path, tiny_mntp: LoadedModel, mntp_settings: Settings
+) -> None:
+    """The PEFT model, LoRA unmerged (as finetune evaluates it), against the loader's merged copy."""
+    net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tiny_mntp_adapter_dir)
+    training = training_model(net.eval(), tiny_mntp.tokenizer, ModelKind.DECODER, "<mask>", tiny_mntp_adapter_dir)
+    items = [ClozeItem(s, ("x",)) for s in SENTENCES]
+    for mode in EvalMode:
+        ours = predict(FillDriver(training, mntp_settings), items, mode)
+        served = predict(FillDriver(tiny_mntp, mntp_settings), items, mode)
+        for a, b in zip(ours, served, strict=True):
+            assert [c.token_str for c in a] == [c.token_str for c in b]
+            assert [c.score for c in a] == pytest.approx([c.score for c in b], abs=1e-5)
+
+
+def test_evaluate_reports_both_modes_with_words(tiny_mntp: LoadedModel, mntp_settings: Settings) -> None:
+    items = [ClozeItem(s, ("ball", "the"), "c") for s in SENTENCES]
+    result = evaluate(FillDriver(tiny_mntp, mntp_settings), items, list(EvalMode))
+    for mode in EvalMode:
+        rows = result[mode.value]["items"]
+        assert [len(r["predictions"]) for r in rows] == [5, 5, 5]
+        assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
+    for row in result["whole_word"]["items"]:
+        assert all(p and not any(ch.isspace() for ch in p) for p in row["predictions"])  # one word each

@@ -70,8 +70,14 @@ def _val_curve(metrics: dict[str, object]) -> list[float]:
 
 def test_mntp_learns_and_is_servable(llama_dir: Path, text_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "mntp"
-    cfg = _cfg(llama_dir, text_file, out, objective="mntp", mask_ratio=0.3)
+    cloze = tmp_path / "cloze.tsv"
+    cloze.write_text("the dog [MASK] the red ball.\tsees\n[MASK] cat likes some bread.\tthe\n")
+    cfg = _cfg(llama_dir, text_file, out, objective="mntp", mask_ratio=0.3, cloze=str(cloze))
     metrics = run(cfg)
+    # After training, the cloze set through the engine's fill-mask on the PEFT model (training_model)
+    assert set(metrics["cloze"]) == {"n", "plain", "whole_word"}
+    saved_eval = json.loads((out / "cloze_eval.json").read_text())
+    assert [len(r["predictions"]) for r in saved_eval["whole_word"]["items"]] == [5, 5]
     val = _val_curve(metrics)
     assert len(val) == 4
     assert val[-1] < val[0] - 0.5

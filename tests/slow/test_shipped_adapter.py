@@ -9,8 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from service.config import load_settings
+from service.engine.fill.driver import FillDriver
 from service.engine.loading import SHIPPED_ADAPTER_DIR, AdapterObjective, LoadedModel, load_model
-from service.training.eval import FillMaskScorer, scorer_for
+from service.training.eval import ClozeItem, EvalMode, answer_text, predict
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +22,8 @@ def shipped() -> LoadedModel:
 
 
 @pytest.fixture(scope="module")
-def scorer(shipped: LoadedModel) -> FillMaskScorer:
-    return scorer_for(shipped)
+def driver(shipped: LoadedModel) -> FillDriver:
+    return FillDriver(shipped, load_settings())
 
 
 def test_adapter_files_are_small_fp16_and_described() -> None:
@@ -50,6 +51,7 @@ def test_load_model_picks_up_the_shipped_adapter(shipped: LoadedModel) -> None:
     ("text", "answer"),
     [("The [MASK] barked at the mailman.", "dog"), ("Birds can [MASK] because they have wings.", "fly")],
 )
-def test_fills_everyday_sentences(scorer: FillMaskScorer, text: str, answer: str) -> None:
-    assert answer in [w for w, _ in scorer.whole_word(text, k=3)]
-    assert answer in scorer.plain(text, k=3)
+def test_fills_everyday_sentences(driver: FillDriver, text: str, answer: str) -> None:
+    for mode in EvalMode:  # the evaluator's path, which is the server's
+        (cands,) = predict(driver, [ClozeItem(text, (answer,))], mode)
+        assert answer in [answer_text(c).lower() for c in cands[:3]]
