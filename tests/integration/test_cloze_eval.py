@@ -120,7 +120,8 @@ def test_the_evaluator_answers_what_the_server_answers(
     items = [ClozeItem(s, ("x",)) for s in SENTENCES]
     ours = list(predict(FillDriver(tiny_mntp, mntp_settings), items, mode))  # the items' jobs batched together
     for text, cands in zip(SENTENCES, ours, strict=True):
-        assert len(cands) == 5
+        # whole-word: the lexicon drops a tiny random model's non-words, so there may be fewer than 5
+        assert 0 < len(cands) <= 5 if mode is EvalMode.WHOLE_WORD else len(cands) == 5
         assert_same(cands, server_answer(served, text, mode), 1e-6)
 
 
@@ -144,7 +145,9 @@ def test_evaluate_reports_both_modes_with_words(tiny_mntp: LoadedModel, mntp_set
     result = evaluate(FillDriver(tiny_mntp, mntp_settings), items, list(EvalMode))
     for mode in EvalMode:
         rows = result[mode.value]["items"]
-        assert [len(r["predictions"]) for r in rows] == [5, 5, 5]
+        assert all(0 < len(r["predictions"]) <= 5 for r in rows)
+        if mode is EvalMode.PLAIN:
+            assert [len(r["predictions"]) for r in rows] == [5, 5, 5]
         assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
     for row in result["whole_word"]["items"]:
         assert all(p and not any(ch.isspace() for ch in p) for p in row["predictions"])  # one word each

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from service.config import Settings
-from service.engine.fill.job import Candidate, FillCandidate, FillInput, MaskSlot, Target
+from service.engine.fill.job import Candidate, FillCandidate, FillInput, FillMaskJob, MaskSlot, Target
 from service.engine.lexicon import load_lexicon
 from service.engine.loading import UNIVERSAL_MASK, LoadedModel, read_adapter_meta
 from service.errors import InvalidRequest
@@ -102,6 +102,7 @@ class FillMaskCodec:
         self.max_masks = settings.max_masks_per_input
         self.specials = special_ids(self.tokenizer)
         self.attention_dims = model.attention_dims if model.steerable else None  # emphasis on chosen layers
+        self.dtype = model.dtype  # of the 4D masks
         self.vocab = word_pieces(self.tokenizer, model.vocab_size)
         self.lexicon = load_lexicon(settings.whole_word_lexicon)  # whole-word fills must be words (None: any)
         self.uncased = bool(getattr(self.tokenizer, "do_lower_case", False))  # BERT uncased: "jupiter" is a name
@@ -109,6 +110,11 @@ class FillMaskCodec:
         # Spaces before a placeholder belong to the masked word: BPE writes " dog" as one sub-token "Ġdog",
         # and MNTP training masks that sub-token whole (RoBERTa's <mask> lstrip does the same).
         self._placeholder = re.compile("( *)(" + "|".join(re.escape(p) for p in self.placeholders) + ")")
+
+    def compile(self, job: FillMaskJob) -> None:
+        """Compile the job's masks once, for this model (its attention constraints, for every width its
+        searches use): the worker on admission, the evaluator's driver before it searches."""
+        job.compile(self.dtype, self.attention_dims or (0, 0))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=False))

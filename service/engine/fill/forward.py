@@ -67,6 +67,12 @@ def forward_rows(
     return list(logp.split([len(r.reads) for r in rows]))
 
 
+def engine_forward(model: LoadedModel) -> ForwardFn:
+    """The forward the server runs: the LM head on the read positions only where that equals the full model."""
+    head_only = head_only_matches(model)
+    return lambda rows: forward_rows(model, rows, head_only=head_only)
+
+
 def forward_needs(needs: Sequence[Need], forward: ForwardFn, vocab: WordPieces, batch_size: int) -> list[Picked]:
     """One Picked per need, in order: the distinct rows forwarded in chunks of ``batch_size``, shortest first
     (less padding per chunk); of each chunk's log-probabilities only the picks are kept, so at most one

@@ -21,7 +21,7 @@ from service import metrics
 from service.config import Settings
 from service.engine.compute import ComputeThread
 from service.engine.fill.codec import FillMaskCodec
-from service.engine.fill.forward import ForwardFn, forward_needs, forward_rows, head_only_matches
+from service.engine.fill.forward import ForwardFn, engine_forward, forward_needs
 from service.engine.fill.job import FillMaskJob, FillMaskResult
 from service.engine.fill.search import Need, Picked, Row, job_search
 from service.engine.loading import LoadedModel
@@ -65,10 +65,7 @@ class FillMaskWorker:
         self.settings = settings
         self.codec = FillMaskCodec(model, settings)
         self._lock = compute_lock
-        if forward is None:
-            head_only = head_only_matches(model)
-            forward = lambda rows: forward_rows(model, rows, head_only=head_only)  # noqa: E731
-        self._forward = forward
+        self._forward = forward or engine_forward(model)
         self._capacity = settings.max_batch_size + settings.max_queued_requests
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._arrived = asyncio.Event()
@@ -136,7 +133,7 @@ class FillMaskWorker:
 
     def compile(self, job: FillMaskJob) -> None:
         """Compile the job's masks once (its attention constraints, for every width its searches use)."""
-        job.compile(self.model.dtype, self.model.attention_dims if self.model.steerable else (0, 0))
+        self.codec.compile(job)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
