@@ -8,11 +8,14 @@ meanwhile; grammar compiles run off the compute thread, with a time limit.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 import pytest
 from fastapi.testclient import TestClient
@@ -24,6 +27,7 @@ from service.engine.fill.codec import FillMaskCodec
 from service.engine.fill.worker import WORKER
 from service.engine.loading import LoadedModel
 from tests.integration.apps import create_test_app
+from tests.integration.live import live_server
 
 LONE = "\ud800"  # a lone surrogate: valid JSON ("\ud800"), no UTF-8 form
 MASK = "<mask>"
@@ -156,7 +160,7 @@ def test_a_stored_report_cannot_be_overwritten() -> None:
 # --- gauges -----------------------------------------------------------------------------------------------------
 
 
-def gauges(client: TestClient) -> dict[tuple[str, str], float]:
+def gauges(client: httpx.Client) -> dict[tuple[str, str], float]:
     values = {}
     for family in text_string_to_metric_families(client.get("/metrics").text):
         if family.name in {"maskserve_running_requests", "maskserve_queue_depth"}:
@@ -248,7 +252,7 @@ COSTLY = {"inputs": f"The {MASK} " * 8, "parameters": {"whole_word": True, "top_
 CHEAP = {"inputs": FILL}
 
 
-def fill_forwards(client: TestClient) -> float:
+def fill_forwards(client: httpx.Client) -> float:
     """Forwards the fill-mask worker has run (the batch-size histogram's count)."""
     for family in text_string_to_metric_families(client.get("/metrics").text):
         if family.name == "maskserve_batch_size":
@@ -320,3 +324,44 @@ def test_costly_jobs_run_together_only_within_the_row_budget(mntp_settings: Sett
         assert [j.result().status_code for j in jobs] == [200, 200]
     assert max(running for running, _ in seen) == 1  # never both costly at once (the cheap one is not sampled)
     assert (1, 1) in seen  # one ran while the other waited
+
+
+def test_a_client_that_leaves_stops_its_fill_mask_on_a_live_server(
+    tiny_llama_dir: Path, tiny_mntp_adapter_dir: Path, tmp_path: Path
+) -> None:
+    """Over a real socket: the costly request's client closes the connection mid-search; the server drops the
+    job before its next slice (no more forwards, the gauge back to 0) instead of finishing ~1000 rounds."""
+    env = {
+        "MASKSERVE_MODEL": str(tiny_llama_dir),
+        "MASKSERVE_ADAPTER": str(tiny_mntp_adapter_dir),
+        "MASKSERVE_MAX_FILL_ROWS_PER_ROUND": "1",
+        "MASKSERVE_LOG_LEVEL": "warning",
+    }
+    with (
+        live_server(["-m", "service.cli", "serve"], env, tmp_path / "server.log") as server,
+        httpx.Client(base_url=server.url, timeout=10) as http,
+    ):
+
+        def running() -> float:
+            return gauges(http).get(("maskserve_running_requests", WORKER), 0)
+
+        host, port = server.url.removeprefix("http://").split(":")
+        body = json.dumps(COSTLY).encode()
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(
+                b"POST /v1/fill-mask HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            deadline = time.monotonic() + 10
+            while running() < 1:
+                assert time.monotonic() < deadline, "the costly request never started"
+                time.sleep(0.01)
+        left = time.monotonic()  # the connection is closed here
+        while running() > 0:
+            assert time.monotonic() - left < 5, "the search kept running after its client left"
+            time.sleep(0.02)
+        after = fill_forwards(http)
+        time.sleep(0.5)
+        assert fill_forwards(http) == after  # no slice ran after the job was dropped
+        assert http.post("/v1/fill-mask", json=CHEAP).status_code == 200
