@@ -10,7 +10,7 @@ from service.engine.lexicon import Lexicon, default_lexicon, is_word
 @pytest.mark.parametrize(
     "text",
     ["dog", "Dogs", "hairdresser", "firefighters", "Jupiter", "Shakespeare", "NASA", "Parmesan",
-     "don't", "I'm", "well-known", "dog's", "42", "1990", "3.5", "5th", "I", "a", "echolocation"],
+     "don't", "I'm", "dog's", "42", "1990", "3.5", "5th", "I", "a", "echolocation"],
 )  # fmt: skip
 def test_words_pass(text: str) -> None:
     assert is_word(text)
@@ -19,7 +19,7 @@ def test_words_pass(text: str) -> None:
 @pytest.mark.parametrize(
     "text",
     ["acknowled", "ishigata", "aoiteo", "alejohn", "Alejohn", "son-of-", "new-fangled The", "", " dog", "dog ",
-     "jUPITER", "-", "legs--eight", "sea-"],
+     "jUPITER", "-", "legs--eight", "sea-", "China-China", "Edo-d", "well-known"],
 )  # fmt: skip
 def test_non_words_fail(text: str) -> None:
     assert not is_word(text)
@@ -30,6 +30,12 @@ def test_an_unknown_capitalised_name_passes_only_as_one_sub_token() -> None:
     assert not is_word("Alejohn", pieces=2)
     assert not is_word("alejohn", pieces=1)  # lower case: the lexicon alone decides
     assert not is_word("AleJohn", pieces=1)  # not a well-formed name
+
+
+def test_a_hyphenated_fill_passes_only_as_listed() -> None:
+    lex = Lexicon(["well-known", "well", "known"])
+    assert lex.is_word("well-known")
+    assert not lex.is_word("known-well")  # listed parts do not make a listed compound
 
 
 def test_a_small_lexicon_decides_case_exactly() -> None:
