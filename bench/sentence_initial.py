@@ -12,7 +12,9 @@
    " Jupiter"); the bare family holds fewer whole words. Measured: the share of the accepted answers that
    are one sub-token, bare (capitalised, as at a sentence start) and spaced (as mid-sentence); and plain
    accuracy when the answer is allowed in either family.
-3. *Training rarely masks a first word*: with ``--corpus``, the share of training examples whose first
+3. *Which prefix*: for each candidate token (``--prefixes``) read in place of the adapter's prefix, alone and
+   after BOS, the same cosine, distinct top-1 and plain hits: how much of the sentence its state carries.
+4. *Training rarely masks a first word*: with ``--corpus``, the share of training examples whose first
    word the recipe masks (20% whole-word, as the shipped adapter was trained, and with ``--first-word-prob``)
    and which words those are.
 
@@ -85,12 +87,14 @@ def mean_pairwise_cosine(states: torch.Tensor) -> float:
     return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
 
 
-def row_for(probe: Probe, item: ClozeItem, extra: int = 0) -> Row:
+def row_for(probe: Probe, item: ClozeItem, extra: int = 0, prefix: tuple[int, ...] | None = None) -> Row:
     """The served input (prefix, text with its mask) read where the mask is predicted; ``extra`` more copies
-    of the prefix token before it ("+BOS")."""
+    of the prefix token before it ("+BOS"); ``prefix``: these tokens instead of the adapter's prefix token."""
     inp = probe.codec.encode(item.text, "inputs")
-    prefix = [probe.codec.prefix_id] * extra if probe.codec.prefix_id is not None else []
-    return Row((*prefix, *inp.ids), (probe.codec.read(inp.slots[0].index + len(prefix)),))
+    ids = inp.ids if prefix is None else (*prefix, *inp.ids[1:])
+    shift = 0 if prefix is None else len(prefix) - 1
+    more = [probe.codec.prefix_id] * extra if probe.codec.prefix_id is not None else []
+    return Row((*more, *ids), (probe.codec.read(inp.slots[0].index + shift + len(more)),))
 
 
 def answer_ids(probe: Probe, word: str, *, spaced: bool) -> list[int]:
@@ -101,9 +105,11 @@ def capitalised(word: str) -> str:
     return word[:1].upper() + word[1:]
 
 
-def plain_hits(probe: Probe, items: list[ClozeItem], extra: int) -> tuple[float, float, int]:
+def plain_hits(
+    probe: Probe, items: list[ClozeItem], extra: int, prefix: tuple[int, ...] | None = None
+) -> tuple[float, float, int]:
     """Plain top-1 / top-5 (decoded token in the answers), and the number of distinct top-1 tokens."""
-    logp = log_probs(probe, [row_for(probe, it, extra) for it in items])  # (N, V)
+    logp = log_probs(probe, [row_for(probe, it, extra, prefix) for it in items])  # (N, V)
     hit1 = hit5 = 0
     firsts = set()
     for item, row in zip(items, logp, strict=True):
@@ -191,6 +197,9 @@ def main() -> None:
     parser.add_argument("--corpus", type=Path, help="training sentences: measure how often the first word is masked")
     parser.add_argument("--first-word-prob", type=float, default=0.35)
     parser.add_argument("--corpus-limit", type=int, default=4000)
+    parser.add_argument(
+        "--prefixes", default='\\n,:,",-,.,and, and, then', help="candidate prefix tokens (\\n: newline)"
+    )
     args = parser.parse_args()
     settings = load_settings(adapter=args.adapter)
     model = load_model(settings)
@@ -222,8 +231,23 @@ def main() -> None:
     t1, t5 = family_hits(probe, initial)
     print(f"sentence_initial, a bare or a spaced token of an answer counts: top-1 {t1:.1%}, top-5 {t5:.1%}")
 
+    print("\n3. other prefix tokens (position 0 alone, and after the tokenizer's BOS), sentence-initial items")
+    print(f"{'prefix':<16} {'mean cos':>8} {'distinct top-1':>14} {'top-1':>7} {'top-5':>7}")
+    tok = probe.codec.tokenizer
+    for text in args.prefixes.split(","):
+        text = text.replace("\\n", "\n")
+        ids = tuple(tok(text, add_special_tokens=False)["input_ids"])
+        if len(ids) != 1:
+            print(f"{text!r:<16} (not one token)")
+            continue
+        for prefix in (ids, (int(tok.bos_token_id), *ids)):
+            cos = mean_pairwise_cosine(read_states(probe, [row_for(probe, it, prefix=prefix) for it in initial]))
+            top1, top5, distinct = plain_hits(probe, initial, 0, prefix)
+            name = ("BOS+" if len(prefix) > 1 else "") + repr(text)
+            print(f"{name:<16} {cos:>8.3f} {distinct:>14} {top1:>7.1%} {top5:>7.1%}")
+
     if args.corpus:
-        print("\n3. how often training masks the first word (20% whole-word masking, batches of 16)")
+        print("\n4. how often training masks the first word (20% whole-word masking, batches of 16)")
         corpus_first_words(probe, args.corpus, args.first_word_prob, args.corpus_limit)
 
 
