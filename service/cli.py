@@ -66,12 +66,17 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
+# libgomp's threads spin-wait after every parallel region unless told otherwise. On shared or oversubscribed
+# cores the spinning eats the CPU the forward needs: measured on this 2-core machine under load (~6), a
+# SmolLM2 fill-mask request cost 0.87 CPU-s spinning against 0.15 passive, and 2-4x the latency. On dedicated
+# cores passive waiting costs instead: one int8 decode step took about 2x as long (docs/fill-mask.md, "CPU
+# threads"). Read once when torch loads, so set before importing it; export OMP_WAIT_POLICY=ACTIVE on
+# dedicated cores.
+DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    # libgomp's threads spin-wait after every parallel region unless told otherwise. On shared or oversubscribed
-    # cores the spinning eats the CPU the forward needs: measured on this 2-core machine under load (~6), a
-    # SmolLM2 fill-mask request cost 0.87 CPU-s spinning against 0.15 passive, and 2-4x the latency. Read once
-    # when torch loads, so set before importing it; export OMP_WAIT_POLICY=ACTIVE on dedicated cores.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_WAIT_POLICY", DEFAULT_OMP_WAIT_POLICY)
     from service.app import create_app
 
     settings = _settings(args, "host", "port")

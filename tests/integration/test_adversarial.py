@@ -160,7 +160,7 @@ def test_a_stored_report_cannot_be_overwritten() -> None:
 # --- gauges -----------------------------------------------------------------------------------------------------
 
 
-def gauges(client: httpx.Client) -> dict[tuple[str, str], float]:
+def gauges(client: TestClient | httpx.Client) -> dict[tuple[str, str], float]:
     values = {}
     for family in text_string_to_metric_families(client.get("/metrics").text):
         if family.name in {"maskserve_running_requests", "maskserve_queue_depth"}:
@@ -252,7 +252,7 @@ COSTLY = {"inputs": f"The {MASK} " * 8, "parameters": {"whole_word": True, "top_
 CHEAP = {"inputs": FILL}
 
 
-def fill_forwards(client: httpx.Client) -> float:
+def fill_forwards(client: TestClient | httpx.Client) -> float:
     """Forwards the fill-mask worker has run (the batch-size histogram's count)."""
     for family in text_string_to_metric_families(client.get("/metrics").text):
         if family.name == "maskserve_batch_size":
