@@ -91,9 +91,10 @@ def row_for(probe: Probe, item: ClozeItem, extra: int = 0, prefix: tuple[int, ..
     """The served input (prefix, text with its mask) read where the mask is predicted; ``extra`` more copies
     of the prefix token before it ("+BOS"); ``prefix``: these tokens instead of the adapter's prefix token."""
     inp = probe.codec.encode(item.text, "inputs")
-    ids = inp.ids if prefix is None else (*prefix, *inp.ids[1:])
-    shift = 0 if prefix is None else len(prefix) - 1
-    more = [probe.codec.prefix_id] * extra if probe.codec.prefix_id is not None else []
+    own = len(probe.codec.prefix_ids)
+    ids = inp.ids if prefix is None else (*prefix, *inp.ids[own:])
+    shift = 0 if prefix is None else len(prefix) - own
+    more = list(probe.codec.prefix_ids[:1]) * extra
     return Row((*more, *ids), (probe.codec.read(inp.slots[0].index + shift + len(more)),))
 
 
@@ -167,7 +168,7 @@ def corpus_first_words(probe: Probe, corpus: Path, first_word_prob: float, limit
             non_special_ids(tok, len(tok)),
             max_length=32,
             shift=True,
-            prefix_id=probe.codec.prefix_id,
+            prefix_ids=probe.codec.prefix_ids,
             first_word_prob=prob,
         )
         gen = torch.Generator().manual_seed(0)
@@ -179,11 +180,12 @@ def corpus_first_words(probe: Probe, corpus: Path, first_word_prob: float, limit
             items = [encoded[i] for i in idx]
             b = obj.collate(items, gen)
             for row, it in enumerate(items):
-                target_at_bos = int(b.targets[row, 0])  # position 0 (BOS) predicts the first token
+                n = len(probe.codec.prefix_ids)
+                target_at_prefix = int(b.targets[row, n - 1])  # the prefix's last token predicts the first one
                 all_masked += int((b.targets[row] >= 0).sum())
-                if target_at_bos >= 0:
+                if target_at_prefix >= 0:
                     masked_first += 1
-                    words[str(tok.decode([it.ids[1]])).strip()] += 1
+                    words[str(tok.decode([it.ids[n]])).strip()] += 1
         top = ", ".join(f"{w} {c / max(1, masked_first):.0%}" for w, c in words.most_common(6))
         print(
             f"first_word_prob {prob:.2f}: first word masked in {masked_first / len(lines):.1%} of {len(lines)} "

@@ -81,7 +81,11 @@ class FinetuneConfig:
     mean_span: float = option(3.0, "mean span length for --mask-strategy span")
     # SmolLM2's BOS is an attention sink whose state hardly depends on the text, so a first word read there
     # cannot depend on it either (docs/finetune.md); the newline token "Ċ" is not.
-    prefix_token: str = option("", "mntp: the token every sentence starts with; unset = the tokenizer's BOS")
+    prefix_token: str = option(
+        "",
+        "mntp: the token(s) every sentence starts with, space-separated tokens as the vocabulary writes them "
+        "(e.g. '<|im_start|> Ġand'); unset = the tokenizer's BOS",
+    )
     first_word_prob: float = option(0.0, "mlm/mntp: share of examples whose first word is masked too (sentence starts)")
     prompt_loss_weight: float = option(
         0.0, "sft: loss weight of prompt tokens (0 = masked out of the loss ... 1 = full weight)"

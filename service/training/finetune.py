@@ -170,15 +170,17 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     else:
         mask_token = choose_mntp_mask_token(tokenizer)
         prefix = (cfg.prefix_token or tokenizer.bos_token) if objective is Objective.MNTP else None
-        if prefix is not None and prefix not in tokenizer.get_vocab():
-            raise ValueError(f"--prefix-token {prefix!r} is not a token of the vocabulary")
         if objective is Objective.MNTP and prefix is None:
             raise ValueError("mntp needs a tokenizer with a BOS token to prefix each sentence")
+        for token in (prefix or "").split():
+            if token not in tokenizer.get_vocab():
+                raise ValueError(f"--prefix-token: {token!r} is not a token of the vocabulary")
         meta.update(mask_token=mask_token, prefix_token=prefix)
         obj = MaskedObjective(
             tokenizer, cfg.masking(), token_id(tokenizer, mask_token),
             non_special_ids(tokenizer, vocab), cfg.max_length, shift=objective is Objective.MNTP,
-            prefix_id=token_id(tokenizer, prefix) if prefix else None, first_word_prob=cfg.first_word_prob,
+            prefix_ids=tuple(token_id(tokenizer, t) for t in (prefix or "").split()),
+            first_word_prob=cfg.first_word_prob,
         )  # fmt: skip
 
     examples = read_examples(Path(cfg.data), chat=objective is Objective.SFT)

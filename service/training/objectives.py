@@ -87,7 +87,8 @@ class MaskedObjective:
     random_token_ids: Tensor
     max_length: int
     shift: bool  # MNTP: masked token i is predicted from the output at i-1
-    prefix_id: int | None = None  # MNTP: BOS before each sentence, so that its first word has an i-1
+    # MNTP: tokens before each sentence (BOS, or BOS then " and"), so that its first word has an i-1
+    prefix_ids: tuple[int, ...] = ()
     # Share of examples whose first word is selected as well (on top of the ratio): a uniform choice
     # reaches a sentence's first word about as often as any other, and nearly always a "The"/"He"/"I".
     first_word_prob: float = 0.0
@@ -96,14 +97,14 @@ class MaskedObjective:
         texts = [e for e in examples if isinstance(e, str)]
         if len(texts) != len(examples):
             raise ValueError("mlm/mntp examples are plain text")
-        room = self.max_length - (1 if self.prefix_id is not None else 0)
-        enc = self.tokenizer(texts, add_special_tokens=self.prefix_id is None and not self.shift,
+        room = self.max_length - len(self.prefix_ids)
+        enc = self.tokenizer(texts, add_special_tokens=not self.prefix_ids and not self.shift,
                              truncation=True, max_length=room)  # fmt: skip
         out = []
         for i, ids in enumerate(enc["input_ids"]):
             words = [-1 if w is None else int(w) for w in enc.word_ids(i)]
-            if self.prefix_id is not None:
-                ids, words = [self.prefix_id, *ids], [-1, *words]
+            if self.prefix_ids:
+                ids, words = [*self.prefix_ids, *ids], [*[-1] * len(self.prefix_ids), *words]
             out.append(Encoded(list(ids), words))
         return out
 

@@ -123,7 +123,7 @@ def test_encode_errors_name_the_param(bert_codec: FillMaskCodec, mntp_codec: Fil
 
 def test_mntp_mask_at_start_without_prefix_is_refused(tiny_mntp: LoadedModel, mntp_settings: Settings) -> None:
     codec = FillMaskCodec(tiny_mntp, mntp_settings)
-    codec.prefix_id = None
+    codec.prefix_ids = ()
     with pytest.raises(InvalidRequest, match="starts with a mask, and this model has no prefix token"):
         codec.encode("[MASK] is big.", "inputs")
     assert codec.encode("the dog [MASK].", "inputs").slots[0].index == 2  # no prefix: "the" is at 0

@@ -35,7 +35,7 @@ def _mntp(tok: PreTrainedTokenizerBase, ratio: float = 0.5, strategy: str = "tok
     return MaskedObjective(
         tok, InputMasking(ratio=ratio, strategy=MaskingStrategy(strategy), replace_prob=1.0, random_prob=0.0),
         mask_token_id=token_id(tok, "<mask>"), random_token_ids=non_special_ids(tok, len(tok)),
-        max_length=32, shift=True, prefix_id=tok.bos_token_id,
+        max_length=32, shift=True, prefix_ids=(tok.bos_token_id,),
     )  # fmt: skip
 
 

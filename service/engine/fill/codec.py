@@ -76,15 +76,14 @@ def word_pieces(tokenizer: Any, vocab_size: int) -> WordPieces:
     return WordPieces(real, spaced, bare, cont)
 
 
-def mntp_prefix_id(model: LoadedModel) -> int | None:
-    """The token MNTP puts before every text so a mask at the start has an i-1: the adapter's
-    ``maskserve.json`` ``prefix_token``, else the tokenizer's BOS (training prepends the same)."""
+def mntp_prefix_ids(model: LoadedModel) -> tuple[int, ...]:
+    """The tokens MNTP puts before every text so a mask at the start has an i-1: the adapter's
+    ``maskserve.json`` ``prefix_token`` (space-separated tokens), else the tokenizer's BOS (training
+    prepends the same)."""
     meta = read_adapter_meta(Path(model.adapter)) if model.adapter else {}
-    token = meta.get("prefix_token") or model.tokenizer.bos_token
-    if token is None:
-        return None
-    token_id = model.tokenizer.convert_tokens_to_ids(str(token))
-    return int(token_id) if isinstance(token_id, int) else None
+    tokens = str(meta.get("prefix_token") or model.tokenizer.bos_token or "").split()
+    ids = [model.tokenizer.convert_tokens_to_ids(t) for t in tokens]
+    return tuple(int(i) for i in ids if isinstance(i, int))
 
 
 class FillMaskCodec:
@@ -97,7 +96,7 @@ class FillMaskCodec:
         self.mask_token: str = model.mask_token
         self.mask_id: int = model.mask_token_id
         self.mntp = model.mntp
-        self.prefix_id = mntp_prefix_id(model) if self.mntp else None
+        self.prefix_ids = mntp_prefix_ids(model) if self.mntp else ()
         self.max_length = model.max_length
         self.max_masks = settings.max_masks_per_input
         self.specials = special_ids(self.tokenizer)
@@ -163,9 +162,9 @@ class FillMaskCodec:
         )
         ids = list(enc["input_ids"])
         spans = [(starts[a], ends[b - 1]) if b > a else (0, 0) for a, b in enc["offset_mapping"]] if offsets else []
-        if self.mntp and self.prefix_id is not None:
-            ids = [self.prefix_id, *ids]
-            spans = [(0, 0), *spans] if offsets else []
+        if self.prefix_ids:
+            ids = [*self.prefix_ids, *ids]
+            spans = [*[(0, 0)] * len(self.prefix_ids), *spans] if offsets else []
         if len(ids) > self.max_length:
             raise InvalidRequest(
                 f"'{param}' is {len(ids)} tokens long; the model takes at most {self.max_length}", param=param
