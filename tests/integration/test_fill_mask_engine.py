@@ -4,6 +4,8 @@ batch invariance, the MNTP path, and the worker's queue, timeout and cancellatio
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import math
 import threading
 from collections.abc import Sequence
@@ -127,6 +129,23 @@ def test_mntp_mask_at_start_without_prefix_is_refused(tiny_mntp: LoadedModel, mn
     with pytest.raises(InvalidRequest, match="starts with a mask, and this model has no prefix token"):
         codec.encode("[MASK] is big.", "inputs")
     assert codec.encode("the dog [MASK].", "inputs").slots[0].index == 2  # no prefix: "the" is at 0
+
+
+def test_a_prefix_of_several_tokens_comes_before_every_text(
+    tiny_mntp: LoadedModel, mntp_settings: Settings, tmp_path: Path
+) -> None:
+    """maskserve.json's prefix_token may name several tokens (BOS, then a text token the first word is read
+    from); they all go before the text, and the first word is read at the last of them."""
+    tok = tiny_mntp.tokenizer
+    (tmp_path / "maskserve.json").write_text(json.dumps({"prefix_token": f"{tok.bos_token} Ġthe"}))
+    model = dataclasses.replace(tiny_mntp, adapter=str(tmp_path))
+    codec = FillMaskCodec(model, mntp_settings)
+    prefix = (tok.bos_token_id, tok.convert_tokens_to_ids("Ġthe"))
+    assert codec.prefix_ids == prefix
+    inp = codec.encode("[MASK] is big.", "inputs")
+    assert inp.ids[:2] == prefix
+    assert inp.slots[0].index == 2
+    assert codec.read(inp.slots[0].index) == 1  # MNTP: read at i-1, the prefix's last token
 
 
 def test_encode_target(bert_codec: FillMaskCodec, mntp_codec: FillMaskCodec) -> None:

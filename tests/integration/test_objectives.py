@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,18 @@ def test_prompt_tokens_contribute_nothing_to_the_loss(tiny_llama_dir: Path, llam
     s1, w1 = loss(full)
     assert float(w1) > float(w)
     assert float(s1) != float(s)
+
+
+def test_a_prefix_of_several_tokens_reads_the_first_word_at_its_last_token(
+    llama_tok: PreTrainedTokenizerBase,
+) -> None:
+    prefix = (llama_tok.bos_token_id, llama_tok.convert_tokens_to_ids("Ġthe"))
+    obj = dataclasses.replace(_mntp(llama_tok, ratio=0.01), prefix_ids=prefix, first_word_prob=1.0)
+    items = obj.encode(["dogs bark loudly."])
+    assert tuple(items[0].ids[:2]) == prefix
+    assert items[0].word_ids[:2] == [-1, -1]  # never masked
+    batch = obj.collate(items, torch.Generator().manual_seed(0))
+    first = items[0].ids[2]
+    assert batch.input_ids[0, 2] == obj.mask_token_id  # the first word is masked (first_word_prob 1)
+    assert batch.targets[0, 1] == first  # and predicted at the prefix's last token
+    assert batch.targets[0, 0] == X  # BOS predicts nothing
