@@ -20,7 +20,7 @@ from transformers import PythonBackend, TokenizersBackend, pipeline
 from service.config import Settings, load_settings
 from service.engine.fill.codec import FillMaskCodec, word_pieces
 from service.engine.fill.forward import forward_rows, head_only_matches
-from service.engine.fill.job import FillMaskJob, FillMaskResult
+from service.engine.fill.job import Candidate, FillMaskJob, FillMaskResult
 from service.engine.fill.search import Row
 from service.engine.fill.worker import FillMaskWorker
 from service.engine.lexicon import load_lexicon
@@ -146,6 +146,8 @@ def test_a_prefix_of_several_tokens_comes_before_every_text(
     assert inp.ids[:2] == prefix
     assert inp.slots[0].index == 2
     assert codec.read(inp.slots[0].index) == 1  # MNTP: read at i-1, the prefix's last token
+    filled = codec.render(inp, 0, Candidate((tok.convert_tokens_to_ids("Ġdog"),), 0.5))
+    assert filled.sequence == "dog is big."  # the prefix (a word here) is not part of the client's text
 
 
 def test_encode_target(bert_codec: FillMaskCodec, mntp_codec: FillMaskCodec) -> None:

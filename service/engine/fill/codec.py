@@ -201,10 +201,14 @@ class FillMaskCodec:
 
     def render(self, inp: FillInput, slot_no: int, cand: Candidate) -> FillCandidate:
         slot = inp.slots[slot_no]
-        ids = expand_mask(inp.ids, slot.index, cand.pieces, 0, self.mask_id)
+        # The MNTP prefix is the model's convention, not the client's text: it may be a word (" and")
+        ids = expand_mask(inp.ids, slot.index, cand.pieces, 0, self.mask_id)[len(self.prefix_ids) :]
         others = [s for n, s in enumerate(inp.slots) if n != slot_no]
+        sequence = self._sequence(ids, others)
+        if not inp.text[:1].isspace():  # a spaced fill at the very start: the client's text has no space there
+            sequence = sequence.lstrip(" ")
         return FillCandidate(
-            sequence=self._sequence(ids, others),
+            sequence=sequence,
             score=cand.score,
             token=cand.pieces[0],
             token_str=self.decode(cand.pieces),
