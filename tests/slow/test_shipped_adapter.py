@@ -31,10 +31,10 @@ def test_adapter_files_are_small_fp16_and_described() -> None:
     assert weights.stat().st_size < 15 * 2**20
     assert {t.dtype for t in load_file(weights).values()} == {torch.float16}
     assert json.loads((SHIPPED_ADAPTER_DIR / "maskserve.json").read_text()) == {
-        "objective": "mntp", "mask_token": "<empty_output>", "prefix_token": "<|im_start|>",
+        "objective": "mntp", "mask_token": "<empty_output>", "prefix_token": "Ġand",
     }  # fmt: skip
     card = (SHIPPED_ADAPTER_DIR / "README.md").read_text()
-    for needed in ("SmolLM2-135M-Instruct", "wordnet-base", "trans-de-en", "## Reproduce", "whole_word"):
+    for needed in ("SmolLM2-135M-Instruct", "wordnet-base", "trans-de-en", "fortunes", "## Reproduce", "whole_word"):
         assert needed in card
     assert (SHIPPED_ADAPTER_DIR / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -55,3 +55,9 @@ def test_fills_everyday_sentences(driver: FillDriver, text: str, answer: str) ->
     for mode in EvalMode:  # the evaluator's path, which is the server's
         (cands,) = predict(driver, [ClozeItem(text, (answer,))], mode)
         assert answer in [answer_text(c).lower() for c in cands[:3]]
+
+
+def test_the_readme_example_finds_jupiter(driver: FillDriver) -> None:
+    """README: {"inputs": "[MASK] is the largest planet.", "parameters": {"whole_word": true, "top_k": 3}}."""
+    (cands,) = predict(driver, [ClozeItem("[MASK] is the largest planet.", ("Jupiter",))], EvalMode.WHOLE_WORD, 3)
+    assert "Jupiter" in [answer_text(c) for c in cands]
