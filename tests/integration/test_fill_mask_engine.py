@@ -26,7 +26,7 @@ from service.engine.fill.worker import FillMaskWorker
 from service.engine.lexicon import load_lexicon
 from service.engine.loading import LoadedModel
 from service.errors import ClientGone, InvalidRequest, Overloaded, RequestTimeout
-from tests.tiny import token_ids
+from tests.tiny import token_id, token_ids
 
 
 def run_jobs(
@@ -146,7 +146,7 @@ def test_a_prefix_of_several_tokens_comes_before_every_text(
     assert inp.ids[:2] == prefix
     assert inp.slots[0].index == 2
     assert codec.read(inp.slots[0].index) == 1  # MNTP: read at i-1, the prefix's last token
-    filled = codec.render(inp, 0, Candidate((tok.convert_tokens_to_ids("Ġdog"),), 0.5))
+    filled = codec.render(inp, 0, Candidate((token_id(tok, "Ġdog"),), 0.5))
     assert filled.sequence == "dog is big."  # the prefix (a word here) is not part of the client's text
 
 

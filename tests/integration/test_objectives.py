@@ -209,7 +209,7 @@ def test_prompt_tokens_contribute_nothing_to_the_loss(tiny_llama_dir: Path, llam
 def test_a_prefix_of_several_tokens_reads_the_first_word_at_its_last_token(
     llama_tok: PreTrainedTokenizerBase,
 ) -> None:
-    prefix = (llama_tok.bos_token_id, llama_tok.convert_tokens_to_ids("Ġthe"))
+    prefix = (int(llama_tok.bos_token_id), token_id(llama_tok, "Ġthe"))
     obj = dataclasses.replace(_mntp(llama_tok, ratio=0.01), prefix_ids=prefix, first_word_prob=1.0)
     items = obj.encode(["dogs bark loudly."])
     assert tuple(items[0].ids[:2]) == prefix
