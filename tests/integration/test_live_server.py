@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -60,13 +60,17 @@ def test_an_idle_keep_alive_connection_outlives_the_clients_own_expiry(server: L
     idle_s = httpx.Limits().keepalive_expiry or 5.0
     assert Settings().keep_alive_s > idle_s
     host, port = server.url.removeprefix("http://").split(":")
-    request = f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
-    with socket.create_connection((host, int(port)), timeout=10) as connection:
-        connection.sendall(request)
-        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.request("GET", "/health")
+        assert connection.getresponse().read() == b'{"status":"ok"}'
+        sock = connection.sock
         time.sleep(idle_s + 1)  # past where the server would have closed it at uvicorn's default
-        connection.sendall(request)
-        assert connection.recv(4096).startswith(b"HTTP/1.1 200")
+        connection.request("GET", "/health")  # on the same socket: a closed one raises RemoteDisconnected
+        assert connection.getresponse().read() == b'{"status":"ok"}'
+        assert connection.sock is sock
+    finally:
+        connection.close()
 
 
 def test_logs_are_json_lines_with_request_ids(server: LiveServer) -> None:
