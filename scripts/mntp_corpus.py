@@ -220,20 +220,29 @@ def leaks(sentence: str, contexts: list[tuple[str, str]]) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/data/mntp.txt"))
+    parser.add_argument(
+        "--sources",
+        default="wordnet,ding,wordnet_glosses,fortunes",
+        help="comma-separated, in this order of precedence (the shipped adapter's stage 1 used wordnet,ding)",
+    )
     args = parser.parse_args()
+    wanted = args.sources.split(",")
+    if unknown := set(wanted) - set(SOURCES):
+        parser.error(f"unknown sources {sorted(unknown)}; known: {', '.join(SOURCES)}")
     ensure_packages()
     rows = cloze_lines()
     contexts = cloze_contexts(rows)
     seen: set[str] = set()
     lines: list[str] = []
     counts: dict[str, dict[str, object]] = {}
-    sources = (
-        ("wordnet", wordnet_examples()),
-        ("ding", ding_sentences()),
-        ("wordnet_glosses", wordnet_glosses(cloze_answers(rows))),
-        ("fortunes", fortune_sentences()),
-    )
-    for name, sentences in sources:
+    readers = {
+        "wordnet": wordnet_examples,
+        "ding": ding_sentences,
+        "wordnet_glosses": lambda: wordnet_glosses(cloze_answers(rows)),
+        "fortunes": fortune_sentences,
+    }
+    for name in wanted:
+        sentences = readers[name]()
         kept = dropped = 0
         for sentence in sentences:
             key = sentence.lower()
