@@ -18,6 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def child() -> None:
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")  # before bench/generate.py sets a default for itself
     import statistics
 
     import torch
@@ -34,7 +35,6 @@ def child() -> None:
     bench_generate.COMPUTE.append(ComputeThread())
     loaded = bench_generate.in_worker(lambda: load_model(load_settings(adapter="none")))
     ids = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]])
-    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     for r in range(3):
         bare = bench_generate.in_worker(
             lambda: statistics.median(decode_steps(loaded.generation_model, ids, 30)) * 1000
