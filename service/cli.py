@@ -69,7 +69,7 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 # libgomp's threads spin-wait after every parallel region unless told otherwise. On shared or oversubscribed
 # cores the spinning eats the CPU the forward needs: measured on this 2-core machine under load (~6), a
 # SmolLM2 fill-mask request cost 0.87 CPU-s spinning against 0.15 passive, and 2-4x the latency. On dedicated
-# cores passive waiting costs instead: one int8 decode step took about 2x as long (docs/fill-mask.md, "CPU
+# cores passive waiting costs instead: one int8 decode step took 1.7-2x as long (docs/fill-mask.md, "CPU
 # threads"). Read once when torch loads, so set before importing it; export OMP_WAIT_POLICY=ACTIVE on
 # dedicated cores.
 DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
