@@ -6,7 +6,6 @@ from the service's own files, Swagger UI lists every operation of the OpenAPI do
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -17,22 +16,13 @@ import pytest
 from service.app import create_app
 from service.config import Settings
 from service.engine.loading import LoadedModel
-from tests.integration.test_playground_browser import CHROMIUM, FLAGS
+from tests.integration.conftest import FLAGS
 from tests.live import live_server
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Route
 
 pytestmark = pytest.mark.browser
-
-
-@pytest.fixture(scope="module")
-def browser_path() -> str:
-    if os.environ.get("MASKSERVE_SKIP_BROWSER") == "1":
-        pytest.skip("MASKSERVE_SKIP_BROWSER=1")
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Debian's chromium is missing: run `make test` (it installs it) or apt-get install chromium")
-    return CHROMIUM
 
 
 @contextmanager

@@ -6,8 +6,6 @@ machine that cannot have it; without that a missing browser fails the test rathe
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -18,27 +16,13 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.config import Settings
 from service.engine.loading import LoadedModel
+from tests.integration.conftest import FLAGS
 from tests.live import live_server
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def browser_path() -> str:
-    if os.environ.get("MASKSERVE_SKIP_BROWSER") == "1":
-        pytest.skip("MASKSERVE_SKIP_BROWSER=1")
-    if not os.path.exists(CHROMIUM):
-        pytest.fail("Debian's chromium is missing: run `make test` (it installs it) or apt-get install chromium")
-    return CHROMIUM
 
 
 @contextmanager
