@@ -1,9 +1,10 @@
 """Where one stream's decode step goes: the bare model forward for one new token, without the server.
 
-    .venv/bin/python bench/decode_step.py            # bundled SmolLM2-135M-Instruct, float32 then bfloat16
+    .venv/bin/python bench/decode_step.py            # bundled SmolLM2-135M-Instruct, served precision then bfloat16
 
-Prints the median time of a one-token decode step (transformers' own cache, 20 steps) in float32 and
-bfloat16, and the operators that take the float32 step's time (torch.profiler, 5 steps).
+Prints the median time of a one-token decode step (transformers' own cache, 20 steps) in the served precision
+(``MASKSERVE_PRECISION``; int8 by default on CPU) and after a cast to bfloat16, and the operators that take
+the served step's time (torch.profiler, 5 steps).
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def main() -> None:
     model = loaded.generation_model
     assert model is not None
     ids = torch.tensor([loaded.tokenizer(PROMPT)["input_ids"]])
-    print(f"model {loaded.name}, torch threads {torch.get_num_threads()}")
-    fp32 = statistics.median(decode_steps(model, ids, 20)) * 1000
+    print(f"model {loaded.name}, precision {loaded.precision.value}, torch threads {torch.get_num_threads()}")
+    served = statistics.median(decode_steps(model, ids, 20)) * 1000
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         decode_steps(model, ids, 5)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     bf16 = statistics.median(decode_steps(model.to(torch.bfloat16), ids, 20)) * 1000
-    print(f"one-token decode step, median of 20: float32 {fp32:.1f} ms, bfloat16 {bf16:.1f} ms")
+    print(f"one-token decode step, median of 20: {loaded.precision.value} {served:.1f} ms, bfloat16 {bf16:.1f} ms")
 
 
 if __name__ == "__main__":
