@@ -39,7 +39,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -337,9 +336,8 @@ def cache_step_ms(loaded: LoadedModel, rows: int, steps: int, cat: bool) -> floa
     """Median decode step time at ``rows`` rows, with our cache or with DynamicLayer-style concatenation."""
     from service.engine.vocab import ModelVocab
 
-    model = loaded.generation_model
     vocab = ModelVocab.build(loaded, 1)
-    batch = DecodeBatch(model, vocab, lock=threading.Lock(), pad_id=int(loaded.tokenizer.pad_token_id or 0))
+    batch = DecodeBatch.serving(loaded, vocab)
     original = BatchLayer.update
 
     def cat_update(self: BatchLayer, k: torch.Tensor, v: torch.Tensor, *args: Any, **kw: Any) -> Any:

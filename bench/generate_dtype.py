@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -49,10 +48,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     models = {d: load_model(load_settings(adapter="none", precision=d)) for d in ("float32", "bfloat16")}
-    batches = {
-        d: DecodeBatch(m.generation_model, ModelVocab.build(m, 1), lock=threading.Lock(), pad_id=2)
-        for d, m in models.items()
-    }
+    batches = {d: DecodeBatch.serving(m, ModelVocab.build(m, 1)) for d, m in models.items()}
     prompts = [chat_ids(models["float32"], q) for q in QUESTIONS[: args.prompts]]
     n = args.tokens
 

@@ -26,7 +26,6 @@ import os
 import re
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -75,9 +74,7 @@ def run_engine(loaded: LoadedModel, jobs: list[GenerationJob]) -> list[RunningRe
     """Greedy jobs through the engine's decode loop, all in one batch."""
     assert loaded.generation_model is not None
     vocab = ModelVocab.build(loaded, grammar_cache_size=8)
-    batch = DecodeBatch(
-        loaded.generation_model, vocab, lock=threading.Lock(), pad_id=int(loaded.tokenizer.pad_token_id or 0)
-    )
+    batch = DecodeBatch.serving(loaded, vocab)
     seqs = []
     for job in jobs:
         mask = compile_output_mask(job.output_mask, vocab.vocabulary, encode=vocab.encode, grammars=vocab.grammars)

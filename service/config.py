@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="Where the de-quantized bundled model is cached as safetensors.",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
+    fused_decode: bool = Field(
+        True,
+        description="Decode steps of Llama-architecture models run the engine's fused step "
+        "(service/engine/fused_decoder.py); false = transformers' forward for every step.",
+    )
 
     # --- fill-mask ---------------------------------------------------------------------------------------
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most requests grouped into one forward.")

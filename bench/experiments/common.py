@@ -15,7 +15,6 @@ import random
 import shlex
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -220,7 +219,7 @@ def greedy_chat(
     time (chat template, masks compiled as the server compiles them); returns the finished sequences."""
     model, tok = loaded.generation_model, loaded.tokenizer
     assert model is not None
-    engine = DecodeBatch(model, vocab, lock=threading.Lock(), pad_id=int(tok.pad_token_id or 0))
+    engine = DecodeBatch.serving(loaded, vocab)
     done: list[RunningRequest] = []
     for start in range(0, len(requests), batch_size):
         seqs = []

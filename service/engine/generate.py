@@ -28,7 +28,9 @@ from uuid import uuid4
 import torch
 from torch import Tensor
 
+from service.engine.fused_decoder import FusedDecoder
 from service.engine.kv_cache import BatchKVCache
+from service.engine.loading import LoadedModel
 from service.engine.params import FinishReason, SamplingParams
 from service.engine.steering import AttentionProbe
 from service.engine.text import TextTracker
@@ -209,8 +211,13 @@ class RunningRequest:
 class DecodeBatch:
     """The running batch. Runs on one thread; holds ``lock`` around every forward."""
 
-    def __init__(self, model: Any, vocab: ModelVocab, *, lock: threading.Lock, pad_id: int) -> None:
+    def __init__(
+        self, model: Any, vocab: ModelVocab, *, lock: threading.Lock, pad_id: int, decoder: FusedDecoder | None = None
+    ) -> None:
+        """``decoder``: the fused decode step of ``model`` (service/engine/fused_decoder.py); prefills always run
+        ``model``'s own forward."""
         self.model = model
+        self.decoder = decoder
         self.vocab = vocab
         self.lock = lock
         self.pad_id = pad_id
@@ -220,6 +227,16 @@ class DecodeBatch:
         self.eos_ids = vocab.vocabulary.eos_ids
         self.rows: list[RunningRequest] = []
         self.clear()
+
+    @classmethod
+    def serving(cls, loaded: LoadedModel, vocab: ModelVocab, lock: threading.Lock | None = None) -> DecodeBatch:
+        """The batch as the server runs it for ``loaded``: its generation model, pad token and fused decoder."""
+        assert loaded.generation_model is not None
+        tok = loaded.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(vocab.vocabulary.eos_ids))
+        return cls(
+            loaded.generation_model, vocab, lock=lock or threading.Lock(), pad_id=int(pad), decoder=loaded.decoder
+        )
 
     def clear(self) -> None:
         """Drop every row (and the cache)."""
@@ -285,9 +302,12 @@ class DecodeBatch:
         assert self.mask is not None
         assert self.cache is not None
         mask = self.mask.extend()
-        logits = self._forward(
-            self.next_tokens[:, None], mask.to_4d(self.dtype), self.positions[:, None], self.cache, mask.scoped_bias()
-        )
+        mask4, scoped = mask.to_4d(self.dtype), mask.scoped_bias()  # (B, 1, 1, S)
+        if self.decoder is not None:
+            with self.lock:
+                logits = self.decoder.step(self.next_tokens, mask4, self.positions, self.cache, scoped)  # (B, V)
+        else:
+            logits = self._forward(self.next_tokens[:, None], mask4, self.positions[:, None], self.cache, scoped)
         self.mask = mask
         self.next_tokens = self._choose(logits, self.rows)
         self.positions = self.positions + 1

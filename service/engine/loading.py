@@ -40,6 +40,7 @@ from transformers import (  # noqa: E402
 )
 
 from service.config import BUNDLED_MODEL, NO_ADAPTER, SHIPPED_ADAPTER, ConfigError, Device, Precision, Settings
+from service.engine.fused_decoder import FusedDecoder, fused_decoder
 from service.engine.precision import activation_dtype, apply_precision, resolve_precision
 from service.engine.steering import enable_steering
 
@@ -90,6 +91,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     precision: Precision = Precision.FLOAT32  # resolved (never auto): service/engine/precision.py
     steerable: bool = False  # attention runs service/engine/steering.py: emphasis may pick layers/heads
+    decoder: FusedDecoder | None = None  # the fused decode step of generation_model (None: transformers' forward)
 
     @property
     def attention_dims(self) -> tuple[int, int]:
@@ -113,6 +115,7 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "precision": self.precision.value,
+            "decode": "fused" if self.decoder is not None else "transformers",
             "mask_token": self.mask_token,
             "max_length": self.max_length,
         }
@@ -289,6 +292,8 @@ def load_model(settings: Settings) -> LoadedModel:
         precision=precision,
     )
     loaded.steerable = all(enable_steering(m) for m in {id(m): m for m in (fill, gen) if m is not None}.values())
+    if gen is not None and settings.fused_decode:
+        loaded.decoder = fused_decoder(gen)
     loaded.load_seconds = time.perf_counter() - started
     log.info("loaded %s (%s, %s, %s) in %.1f s", name, kind, device, precision, loaded.load_seconds)
     return loaded

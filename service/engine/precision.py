@@ -32,6 +32,7 @@ before log-softmax, sampling and output masks (service/engine/generate.py, servi
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -104,6 +105,31 @@ class Int8Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> Int8Linear:
         return cls(linear.weight, linear.bias, dense_from_rows=dense_from_rows)
+
+    @classmethod
+    def stacked(cls, parts: Sequence[Int8Linear]) -> Int8Linear:
+        """One Int8Linear computing ``parts`` side by side (outputs concatenated, one kernel call instead of
+        several), holding their very int8 rows and scales; each part is re-pointed at views of its buffers, so
+        nothing is held twice. Raises ValueError for parts of different inputs, kernels or bias."""
+        first = parts[0]
+        if any(p.in_features != first.in_features or p.dense_from_rows != first.dense_from_rows for p in parts):
+            raise ValueError("stacked parts must share in_features and dense_from_rows")
+        if len({p.bias is None for p in parts}) != 1:
+            raise ValueError("stacked parts must all have a bias or none")
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.in_features, out.out_features = first.in_features, sum(p.out_features for p in parts)
+        out.dense_from_rows = first.dense_from_rows
+        for name in ("qweight", "scales", "bias", "dense"):
+            pieces = [getattr(p, name) for p in parts]
+            whole = None if pieces[0] is None else torch.cat(pieces)  # (sum O, ...)
+            out.register_buffer(name, whole)
+            start = 0
+            for p in parts:
+                if whole is not None:
+                    setattr(p, name, whole[start : start + p.out_features])  # a view of the stacked rows
+                start += p.out_features
+        return out
 
     @property
     def weight(self) -> Tensor:

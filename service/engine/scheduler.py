@@ -115,9 +115,7 @@ class GenerationScheduler:
         self.loaded = loaded
         self.settings = settings
         self.vocab = ModelVocab.build(loaded, settings.grammar_cache_size)
-        tok = loaded.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.vocab.vocabulary.eos_ids))
-        self.batch = DecodeBatch(loaded.generation_model, self.vocab, lock=lock, pad_id=int(pad))
+        self.batch = DecodeBatch.serving(loaded, self.vocab, lock)
         self.max_positions = int(getattr(loaded.generation_model.config, "max_position_embeddings", 0) or 1 << 30)
         self._waiting: deque[RunningRequest] = deque()
         self._mutex = threading.Lock()  # guards the queue, the counts and the tick flag

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -35,7 +34,7 @@ def vocab(tiny_llama: LoadedModel) -> ModelVocab:
 
 @pytest.fixture
 def batch(tiny_llama: LoadedModel, vocab: ModelVocab) -> DecodeBatch:
-    return DecodeBatch(tiny_llama.generation_model, vocab, lock=threading.Lock(), pad_id=0)
+    return DecodeBatch.serving(tiny_llama, vocab)
 
 
 def make(
@@ -344,17 +343,23 @@ def test_n_sequences_share_one_prefill_and_each_follow_their_own_seed(
     group = object()
     siblings = [RunningRequest(job, torch.device("cpu"), index=i, group=group) for i in range(3)]
     other = make(tiny_llama, vocab, PROMPTS[2], n=6)
-    widths: list[int] = []
-    original = DecodeBatch._forward
+    widths: list[int] = []  # rows of each transformers forward (the prefill; decode steps too without the fused step)
+    stepped: list[int] = []  # rows of each decode step
+    original_forward, original_step = DecodeBatch._forward, DecodeBatch.step
 
     def counting(self: DecodeBatch, ids: torch.Tensor, *args: object) -> torch.Tensor:
         widths.append(ids.shape[0])
-        return original(self, ids, *args)  # type: ignore[arg-type]
+        return original_forward(self, ids, *args)  # type: ignore[arg-type]
+
+    def stepping(self: DecodeBatch) -> list[RunningRequest]:
+        stepped.append(len(self.rows))
+        return original_step(self)
 
     monkeypatch.setattr(DecodeBatch, "_forward", counting)
+    monkeypatch.setattr(DecodeBatch, "step", stepping)
     drive(batch, {0: [*siblings, other]})
     assert widths[0] == 2  # the prefill: one row for the three siblings, one for the other request
-    assert widths[1] == 4  # then four rows decode
+    assert stepped[0] == 4  # then four rows decode
     assert [s.seed for s in siblings] == [40, 41, 42]
     for i, s in enumerate(siblings):
         again = make(tiny_llama, vocab, PROMPTS[0], n=10, temperature=1.0, seed=40 + i)

@@ -4,7 +4,6 @@ sorting them changed what the model wrote first — docs/interference.md, experi
 from __future__ import annotations
 
 import json
-import threading
 
 import torch
 
@@ -23,7 +22,7 @@ def test_properties_come_in_the_schema_order(tiny_llama: LoadedModel) -> None:
     job = GenerationJob(list(tiny_llama.tokenizer("the dog")["input_ids"]), SamplingParams(max_new_tokens=12), spec)
     compile_job(job, vocab, dtype=torch.float32, dims=tiny_llama.attention_dims)
     seq = RunningRequest(job, torch.device("cpu"))
-    batch = DecodeBatch(tiny_llama.generation_model, vocab, lock=threading.Lock(), pad_id=0)
+    batch = DecodeBatch.serving(tiny_llama, vocab)
     batch.add([seq])
     while batch.rows:
         batch.step()

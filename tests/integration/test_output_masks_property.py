@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from typing import Any
 
 import jsonschema
@@ -47,7 +46,7 @@ def vocab(tiny_llama: LoadedModel) -> ModelVocab:
 
 @pytest.fixture(scope="module")
 def batch(tiny_llama: LoadedModel, vocab: ModelVocab) -> DecodeBatch:
-    return DecodeBatch(tiny_llama.generation_model, vocab, lock=threading.Lock(), pad_id=0)
+    return DecodeBatch.serving(tiny_llama, vocab)
 
 
 def run(

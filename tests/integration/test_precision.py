@@ -12,7 +12,6 @@ roundings (checked below), as float32 GEMM does at its own resolution.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,7 +243,7 @@ def int8_bert(bert_settings: Settings) -> LoadedModel:
 @pytest.fixture
 def int8_batch(int8_llama: LoadedModel) -> tuple[ModelVocab, DecodeBatch]:
     vocab = ModelVocab.build(int8_llama, grammar_cache_size=8)
-    return vocab, DecodeBatch(int8_llama.generation_model, vocab, lock=threading.Lock(), pad_id=0)
+    return vocab, DecodeBatch.serving(int8_llama, vocab)
 
 
 def test_int8_decode_runs_the_int8_kernel(int8_llama: LoadedModel) -> None:

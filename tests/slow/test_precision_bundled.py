@@ -11,8 +11,6 @@ alone run are within ``NEAR_TIE`` nats of each other, and there the batched run 
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -50,9 +48,7 @@ def fast() -> LoadedModel:
 def run(loaded: LoadedModel, groups: list[list[int]]) -> dict[int, RunningRequest]:
     """Greedy, TOKENS tokens each; ``groups`` of question indices join the batch one group a step."""
     vocab = ModelVocab.build(loaded, grammar_cache_size=2)
-    batch = DecodeBatch(
-        loaded.generation_model, vocab, lock=threading.Lock(), pad_id=int(loaded.tokenizer.pad_token_id)
-    )
+    batch = DecodeBatch.serving(loaded, vocab)
     tok = loaded.tokenizer
     seqs: dict[int, RunningRequest] = {}
     pending = list(groups)
