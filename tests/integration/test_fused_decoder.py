@@ -102,9 +102,10 @@ def test_stacked_rows_compute_the_parts_and_share_their_storage(kind: str) -> No
     assert torch.equal(stacked(x), torch.cat(before, dim=-1))
     for p, y in zip(parts, before, strict=True):
         assert torch.equal(p(x), y)  # the parts still compute what they did, on views of the stacked rows
-    weights = [p.qweight if isinstance(p, Int8Linear) else p.weight for p in parts]
-    whole = stacked.qweight if isinstance(stacked, Int8Linear) else stacked.weight
-    assert all(w.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr() for w in weights)
+    name = "qweight" if kind == "int8" else "weight"
+    whole: torch.Tensor = getattr(stacked, name)
+    for p in parts:
+        assert getattr(p, name).untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
 
 
 def test_architectures_other_than_llama_keep_transformers_forward(tiny_bert: LoadedModel) -> None:
