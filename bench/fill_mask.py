@@ -302,15 +302,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-batch-wait-ms", type=float, default=2.0)
     parser.add_argument(
         "--omp-wait-policy",
-        default="PASSIVE",
-        help="OMP_WAIT_POLICY for both servers and the bare forward (maskserve serve defaults to PASSIVE)",
+        default="unset",
+        help="OMP_WAIT_POLICY for both servers and the bare forward ('unset': libgomp's default, as maskserve serve)",
     )
     parser.add_argument("--precision", default="auto", help="MASKSERVE_PRECISION of maskserve and the bare forward")
     parser.add_argument("--float32-engine", action="store_true", help="also run maskserve in float32")
     parser.add_argument("--serve-baseline", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy  # before torch loads; inherited by both servers
+    if args.omp_wait_policy != "unset":  # before torch loads; inherited by both servers
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
 
     if args.serve_baseline:  # the subprocess side
         import uvicorn

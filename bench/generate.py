@@ -47,12 +47,6 @@ from typing import Any, TypeVar
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the live-server helper lives in tests/
 
-from service.cli import DEFAULT_OMP_WAIT_POLICY  # noqa: E402
-
-# One OpenMP wait policy for every engine of the run, before torch loads: ``maskserve serve``'s default unless
-# the environment sets one. The float32 engine's subprocess and llama.cpp's (OpenMP as well) inherit it.
-os.environ.setdefault("OMP_WAIT_POLICY", DEFAULT_OMP_WAIT_POLICY)
-
 import httpx  # noqa: E402
 import torch  # noqa: E402
 
@@ -410,8 +404,8 @@ def run_bench(args: argparse.Namespace, url: str, app: Any, loaded: LoadedModel)
     n = args.tokens
     threads = in_worker(torch.get_num_threads)
     print(f"model {loaded.name}, precision {loaded.precision.value}, {n} new tokens a request, {args.rounds} "
-          f"round(s), torch threads {threads}, OMP_WAIT_POLICY {os.environ['OMP_WAIT_POLICY']}, load average at start "
-          f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"round(s), torch threads {threads}, OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+          f"load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
     hf_settings = load_settings(adapter="none", precision=args.hf_precision, log_level="warning")
     hf_model = in_worker(lambda: load_model(hf_settings))  # transformers' baselines run their own precision
     anchor = not args.no_llama_cpp and llama_cpp_available()

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def child() -> None:
-    policy = os.environ.get("OMP_WAIT_POLICY", "unset")  # before bench/generate.py sets a default for itself
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     import statistics
 
     import torch

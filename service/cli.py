@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -66,17 +65,15 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(0)
 
 
-# libgomp's threads spin-wait after every parallel region unless told otherwise. On shared or oversubscribed
-# cores the spinning eats the CPU the forward needs: measured on this 2-core machine under load (~6), a
-# SmolLM2 fill-mask request cost 0.87 CPU-s spinning against 0.15 passive, and 2-4x the latency. On dedicated
-# cores passive waiting costs instead: one int8 decode step took 1.7-2x as long (docs/fill-mask.md, "CPU
-# threads"). Read once when torch loads, so set before importing it; export OMP_WAIT_POLICY=ACTIVE on
-# dedicated cores.
-DEFAULT_OMP_WAIT_POLICY = "PASSIVE"
+# OMP_WAIT_POLICY is left to the environment (libgomp's default: a team spins briefly after each parallel
+# region, then sleeps, and spins less once it has more threads than free cores). A decode step runs a few hundred
+# parallel regions tens of microseconds apart: waking sleeping threads for each (PASSIVE) made one int8 step
+# 2-2.5x as long on an idle 2-core machine (bench/omp_policy.py, docs/fill-mask.md "CPU threads"). On cores
+# shared with other busy work, export OMP_WAIT_POLICY=PASSIVE before `maskserve serve`: spinning then takes
+# the CPU the forward needs.
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("OMP_WAIT_POLICY", DEFAULT_OMP_WAIT_POLICY)
     from service.app import create_app
 
     settings = _settings(args, "host", "port")
