@@ -20,9 +20,11 @@ fill-mask, large decode batches; bench/int8_crossover.py measures it, docs/gener
 So each Int8Linear also keeps its weights *de-quantized* to bfloat16 and dispatches by its input: a decode
 step of fewer than ``dense_from_rows`` rows runs the int8 kernel, everything else bfloat16 GEMM
 (:meth:`Int8Linear.uses_dense` says why multi-token forwards never run int8). The dense copy is
-the de-quantized int8 weights (``q * scale`` rounded to bfloat16), not the original ones, so both kernels
-compute the same model up to bfloat16 rounding of the products; the price is the bfloat16 copy's memory
-(2 bytes a weight beside the int8 byte: 3 bytes a weight in all, against 4 for float32).
+the de-quantized int8 weights (``q * scale``), not the original ones, so both kernels compute the same model
+up to rounding of the products; the price is the copy's memory (2 bytes a weight beside the int8 byte: 3
+bytes a weight in all, against 4 for float32). The copy is bfloat16 unless this CPU runs float32 GEMM faster
+(:func:`fastest_dense_dtype`, timed once at load): then it is float32 (5 bytes a weight in all), and the
+activations of those forwards are cast to float32 and back.
 
 Masks and logits need nothing here: the engine builds 4D masks in the model's parameter dtype
 (``next(model.parameters()).dtype`` — the bfloat16 embeddings come first) and casts logits to float32
@@ -31,7 +33,10 @@ before log-softmax, sampling and output masks (service/engine/generate.py, servi
 
 from __future__ import annotations
 
+import functools
 import logging
+import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -84,11 +89,18 @@ class Int8Linear(nn.Module):
     """``y = x W^T + b`` with W stored as int8 rows and per-output-channel bfloat16 scales.
 
     Input any float dtype ``(..., K)``; output bfloat16 ``(..., O)``. A decode step of fewer than
-    ``dense_from_rows`` rows runs ``torch._weight_int8pack_mm``; other inputs run bfloat16 GEMM on the
-    de-quantized copy (:meth:`uses_dense`; ``None``: always int8, and no copy is kept).
+    ``dense_from_rows`` rows runs ``torch._weight_int8pack_mm``; other inputs run GEMM on the de-quantized
+    copy, bfloat16 or float32 (:meth:`uses_dense`; ``None``: always int8, and no copy is kept).
     """
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> None:
+    def __init__(
+        self,
+        weight: Tensor,
+        bias: Tensor | None,
+        *,
+        dense_from_rows: int | None = DENSE_FROM_ROWS,
+        dense_dtype: torch.dtype = ACTIVATION_DTYPE,
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         q, scale = quantize_per_channel(weight)
@@ -100,7 +112,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().to(ACTIVATION_DTYPE).clone())  # (O,)
         self.dense_from_rows = dense_from_rows
         self.dense: Tensor | None
-        self.register_buffer("dense", self.dequantized() if dense_from_rows is not None else None)  # (O, K) bf16
+        dense = self.dequantized(dense_dtype) if dense_from_rows is not None else None
+        self.register_buffer("dense", dense)  # (O, K) bfloat16 or float32 (:func:`fastest_dense_dtype`)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> Int8Linear:
@@ -137,9 +150,14 @@ class Int8Linear(nn.Module):
         (its shape, e.g. the vocabulary size of an LM head).  # (O, K)"""
         return self.dense if self.dense is not None else self.dequantized()
 
-    def dequantized(self) -> Tensor:
-        """The weights the int8 kernel multiplies by, ``q * scale``, in bfloat16.  # (O, K)"""
-        return (self.qweight.float() * self.scales.float()[:, None]).to(ACTIVATION_DTYPE)
+    def dequantized(self, dtype: torch.dtype = ACTIVATION_DTYPE) -> Tensor:
+        """The weights the int8 kernel multiplies by, ``q * scale``, in ``dtype``.  # (O, K)"""
+        return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
+
+    def use_dense_dtype(self, dtype: torch.dtype) -> None:
+        """Keep the de-quantized copy in ``dtype`` (float32 where its GEMM is the faster one)."""
+        if self.dense is not None and self.dense.dtype != dtype:
+            self.dense = self.dequantized(dtype)
 
     def uses_dense(self, shape: tuple[int, ...] | torch.Size) -> bool:
         """Which kernel an input of ``shape`` runs: True = bfloat16 GEMM, False = int8.
@@ -163,7 +181,9 @@ class Int8Linear(nn.Module):
         flat = x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)  # (N, K), N = batch x tokens
         if self.uses_dense(x.shape):
             assert self.dense is not None
-            y = torch.nn.functional.linear(flat, self.dense, self.bias)  # (N, O)
+            dtype = self.dense.dtype  # bfloat16, or float32 where that GEMM is faster (then cast back)
+            bias = self.bias if self.bias is None or dtype == ACTIVATION_DTYPE else self.bias.to(dtype)
+            y = torch.nn.functional.linear(flat.to(dtype), self.dense, bias).to(ACTIVATION_DTYPE)  # (N, O)
         else:
             y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)  # (N, O)
             if self.bias is not None:
@@ -205,9 +225,39 @@ def apply_precision(model: nn.Module, precision: Precision) -> nn.Module:
         # Quantize from the weights as loaded (float32), then cast the rest (embeddings, norms) to bfloat16;
         # ``.to(dtype)`` leaves the int8 buffers as they are.
         count = quantize_int8(model)
-        log.info("int8 weight-only: %d linear layers quantized (bfloat16 GEMM from %d rows)", count, DENSE_FROM_ROWS)
     model.to(activation_dtype(precision))
+    if precision is Precision.INT8:
+        # After the cast (which would turn a float32 copy into bfloat16): the many-row kernel's dtype.
+        device = next(model.parameters()).device
+        dense = fastest_dense_dtype() if device.type == "cpu" else ACTIVATION_DTYPE
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.use_dense_dtype(dense)
+        log.info("int8 weight-only: %d linear layers quantized (%s GEMM from %d rows)", count, dense, DENSE_FROM_ROWS)
     return model.eval()
+
+
+@functools.cache
+def fastest_dense_dtype() -> torch.dtype:
+    """bfloat16 or float32: whichever GEMM this CPU runs faster, for the many-row forwards of the int8 path
+    (prefill, fill-mask, decode batches from ``DENSE_FROM_ROWS`` rows). It is bfloat16 on CPUs with AMX or fast
+    AVX-512 BF16 GEMM; an Intel Xeon VM without AMX measured bfloat16 GEMM at half float32's rate (bench/
+    generate.py's machine line: 145 against 287 GFLOP/s). Timed once per process: (64 x 576) @ (576 x 1536), the
+    median of 5 alternated rounds of 10 products each, ~50 ms."""
+    x32, w32 = torch.randn(64, 576), torch.randn(1536, 576)
+    inputs = {torch.float32: (x32, w32), ACTIVATION_DTYPE: (x32.to(ACTIVATION_DTYPE), w32.to(ACTIVATION_DTYPE))}
+    times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in inputs}
+    with torch.inference_mode():
+        for _ in range(6):  # the first round warms both up and is dropped
+            for dtype, (x, w) in inputs.items():
+                started = time.perf_counter()
+                for _ in range(10):
+                    torch.nn.functional.linear(x, w)
+                times[dtype].append(time.perf_counter() - started)
+    medians = {dtype: statistics.median(t[1:]) for dtype, t in times.items()}
+    best = min(medians, key=lambda dtype: medians[dtype])
+    log.info("GEMM of 64 rows: %s", ", ".join(f"{d} {t * 1e5:.1f} us" for d, t in medians.items()))
+    return best
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
@@ -217,7 +267,7 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, Int8Linear):
             out["int8"] += module.qweight.numel() + module.scales.numel() * 2
-            out["dense_copy"] += module.dense.numel() * 2 if module.dense is not None else 0
+            out["dense_copy"] += module.dense.numel() * module.dense.element_size() if module.dense is not None else 0
             seen.update(id(t) for t in module.buffers())
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in seen:
