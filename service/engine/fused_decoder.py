@@ -109,7 +109,8 @@ class FusedDecoder:
         ]
         # rotate_half(x) = cat(-x2, x1) = flip of the halves times (-1, +1): the sign is folded into the sine.
         half = self.head_dim // 2
-        self.rotate_sign = torch.cat([-torch.ones(half), torch.ones(half)]).to(self.final_norm.dtype)  # (D,)
+        sign = torch.cat([-torch.ones(half), torch.ones(half)])  # (D,)
+        self.rotate_sign = sign.to(device=self.final_norm.device, dtype=self.final_norm.dtype)
 
     @staticmethod
     def supports(model: Any) -> str | None:
