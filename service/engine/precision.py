@@ -15,10 +15,10 @@ dtype, so the tie is broken: the embedding keeps its bfloat16 table for the look
 Int8Linear of its own (the head's extra memory is its int8 copy, 28 MB for SmolLM2).
 
 **Kernels by the number of rows.** ``_weight_int8pack_mm`` wins while a matmul is bound by reading its
-weights (few rows); its time grows with every row, and from ~16 rows bfloat16 GEMM is faster (prefill,
+weights (few rows); its time grows with every row, and from ~16 rows dense GEMM is faster (prefill,
 fill-mask, large decode batches; bench/int8_crossover.py measures it, docs/generation.md has the table).
-So each Int8Linear also keeps its weights *de-quantized* to bfloat16 and dispatches by its input: a decode
-step of fewer than ``dense_from_rows`` rows runs the int8 kernel, everything else bfloat16 GEMM
+So each Int8Linear also keeps its weights *de-quantized* (bfloat16 or float32) and dispatches by its input: a decode
+step of fewer than ``dense_from_rows`` rows runs the int8 kernel, everything else dense GEMM
 (:meth:`Int8Linear.uses_dense` says why multi-token forwards never run int8). The dense copy is
 the de-quantized int8 weights (``q * scale``), not the original ones, so both kernels compute the same model
 up to rounding of the products; the price is the copy's memory (2 bytes a weight beside the int8 byte: 3
@@ -48,7 +48,7 @@ from service.config import Precision
 log = logging.getLogger("maskserve.precision")
 
 ACTIVATION_DTYPE = torch.bfloat16  # torch's CPU weight-only kernels are vectorised for bfloat16 activations only
-# At and above this many rows an Int8Linear runs bfloat16 GEMM on its de-quantized copy (measured crossover:
+# At and above this many rows an Int8Linear runs dense GEMM on its de-quantized copy (measured crossover:
 # bench/int8_crossover.py, docs/generation.md "Precision").
 DENSE_FROM_ROWS = 16
 # torch 2.13's CPU _weight_int8pack_mm crashes (segfault, no error) unless in_features is a multiple of 16.
@@ -160,7 +160,7 @@ class Int8Linear(nn.Module):
             self.dense = self.dequantized(dtype)
 
     def uses_dense(self, shape: tuple[int, ...] | torch.Size) -> bool:
-        """Which kernel an input of ``shape`` runs: True = bfloat16 GEMM, False = int8.
+        """Which kernel an input of ``shape`` runs: True = dense GEMM (bfloat16 or float32), False = int8.
 
         A decode step, ``(B, 1, K)``, dispatches by its rows B. Every other forward — prefill and fill-mask
         ``(B, T, K)`` with T > 1, the fill-mask head on gathered positions ``(R, K)`` — has many rows by
