@@ -89,7 +89,8 @@ class LoadedModel:
     adapter: str | None
     adapter_objective: AdapterObjective | None
     load_seconds: float = 0.0
-    precision: Precision = Precision.FLOAT32  # resolved (never auto): service/engine/precision.py
+    precision: Precision = Precision.FLOAT32  # resolved (never auto): the generation model's, else the only one's
+    fill_mask_precision: Precision | None = None  # where the fill-mask model has its own (auto: float32 or int8)
     steerable: bool = False  # attention runs service/engine/steering.py: emphasis may pick layers/heads
     decoder: FusedDecoder | None = None  # the fused decode step of generation_model (None: transformers' forward)
 
@@ -115,6 +116,7 @@ class LoadedModel:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "precision": self.precision.value,
+            "fill_mask_precision": (self.fill_mask_precision or self.precision).value,
             "decode": "fused" if self.decoder is not None else "transformers",
             "mask_token": self.mask_token,
             "max_length": self.max_length,
@@ -237,10 +239,12 @@ def load_model(settings: Settings) -> LoadedModel:
     if settings.torch_threads is not None:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    precision = resolve_precision(settings.precision, device)
-    dtype = activation_dtype(precision)
-    # int8 quantizes from the float32 weights; the other precisions load in their own dtype.
-    load_dtype = torch.float32 if precision is Precision.INT8 else dtype
+    gen_precision = resolve_precision(settings.precision, device)
+    fill_precision = resolve_precision(settings.precision, device, many_rows=True)
+    # int8 quantizes from the float32 weights, and two precisions start from float32; otherwise load in the one.
+    both = {gen_precision, fill_precision}
+    one = activation_dtype(gen_precision)
+    load_dtype = torch.float32 if Precision.INT8 in both or len(both) > 1 else one
     if settings.model == BUNDLED_MODEL:
         model_dir, name = bundled_model_dir(settings.cache_dir), BUNDLED_NAME
     else:
@@ -269,8 +273,11 @@ def load_model(settings: Settings) -> LoadedModel:
         fill, gen = None, adapted
         mask_token = None
     # After the merge, so a LoRA delta is quantized together with its base weights; each served model once.
-    for net in {id(m): m for m in (fill, gen) if m is not None}.values():
-        apply_precision(net, precision)
+    if gen is not None:
+        apply_precision(gen, gen_precision)
+    if fill is not None and fill is not gen:
+        apply_precision(fill, fill_precision)
+    precision = gen_precision if gen is not None else fill_precision
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token is not None else None
     assert mask_id is None or isinstance(mask_id, int)
     if tokenizer.pad_token is None:
@@ -281,7 +288,7 @@ def load_model(settings: Settings) -> LoadedModel:
         kind=kind,
         tokenizer=tokenizer,
         device=device,
-        dtype=dtype,
+        dtype=activation_dtype(precision),
         max_length=min(max_length_of(tokenizer, base), settings.max_input_tokens),
         fill_mask_model=fill,
         generation_model=gen,
@@ -290,6 +297,7 @@ def load_model(settings: Settings) -> LoadedModel:
         adapter=str(adapter_dir) if adapter_dir else None,
         adapter_objective=objective,
         precision=precision,
+        fill_mask_precision=fill_precision if fill is not None and fill is not gen else None,
     )
     loaded.steerable = all(enable_steering(m) for m in {id(m): m for m in (fill, gen) if m is not None}.values())
     if gen is not None and settings.fused_decode:

@@ -61,11 +61,20 @@ FLOAT_DTYPES = {
 }
 
 
-def resolve_precision(precision: Precision, device: torch.device) -> Precision:
-    """``auto``: int8 weight-only on CPU (fastest there, docs/generation.md), bfloat16 on CUDA."""
+def resolve_precision(precision: Precision, device: torch.device, *, many_rows: bool = False) -> Precision:
+    """``auto``: bfloat16 on CUDA; on CPU int8 weight-only (fastest at decoding, docs/generation.md).
+
+    ``many_rows``: for a model whose every forward has many rows (the fill-mask model). Such forwards never run
+    the int8 kernel, only the de-quantized copy, so on a CPU where float32 GEMM is the faster one
+    (:func:`fastest_dense_dtype`) int8 would be float32 GEMM on rounded weights: ``auto`` is float32 there.
+    """
     if precision is not Precision.AUTO:
         return precision
-    return Precision.BFLOAT16 if device.type == "cuda" else Precision.INT8
+    if device.type == "cuda":
+        return Precision.BFLOAT16
+    if many_rows and fastest_dense_dtype() == torch.float32:
+        return Precision.FLOAT32
+    return Precision.INT8
 
 
 def activation_dtype(precision: Precision) -> torch.dtype:

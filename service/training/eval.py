@@ -220,7 +220,8 @@ def run_cli(settings: Settings, cfg: FillMaskEvalConfig) -> int:
     if loaded.fill_mask_model is None:
         raise ValueError(f"{loaded.name} cannot fill masks (a decoder needs an MNTP adapter)")
     result = evaluate(FillDriver(loaded, settings), items, modes)
-    print(f"model {loaded.name}, adapter {loaded.adapter}, precision {loaded.precision.value}, cloze {cloze}")
+    precision = (loaded.fill_mask_precision or loaded.precision).value  # the fill-mask model's
+    print(f"model {loaded.name}, adapter {loaded.adapter}, precision {precision}, cloze {cloze}")
     print(summary_table(result))
     print(category_table(result))
     if EvalMode.WHOLE_WORD.value in result:

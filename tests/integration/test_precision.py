@@ -159,6 +159,23 @@ def test_layers_the_kernel_cannot_take_stay_bfloat16() -> None:
 # --- settings ---------------------------------------------------------------------------------------------------
 
 
+def test_auto_fill_mask_model_takes_the_faster_gemm(monkeypatch: pytest.MonkeyPatch, mntp_settings: Settings) -> None:
+    """A fill-mask model's forwards all have many rows (never the int8 kernel): under auto on CPU it is int8
+    (bfloat16 copy) where bfloat16 GEMM is faster, float32 where float32 GEMM is; generation stays int8."""
+    cpu = torch.device("cpu")
+    for dense, expected in [(torch.bfloat16, Precision.INT8), (torch.float32, Precision.FLOAT32)]:
+        monkeypatch.setattr(precision_mod, "fastest_dense_dtype", lambda d=dense: d)
+        assert resolve_precision(Precision.AUTO, cpu, many_rows=True) is expected
+        assert resolve_precision(Precision.AUTO, cpu) is Precision.INT8
+    assert resolve_precision(Precision.INT8, cpu, many_rows=True) is Precision.INT8  # asked for: kept
+    loaded = load_model(load_settings(**{**mntp_settings.model_dump(), "precision": "auto"}))  # dense: float32
+    assert loaded.precision is Precision.INT8
+    assert loaded.fill_mask_precision is Precision.FLOAT32
+    assert loaded.fill_mask_model is not None
+    assert next(loaded.fill_mask_model.parameters()).dtype == torch.float32
+    assert loaded.describe()["fill_mask_precision"] == "float32"
+
+
 def test_auto_is_int8_on_cpu_and_bfloat16_on_cuda() -> None:
     assert resolve_precision(Precision.AUTO, torch.device("cpu")) is Precision.INT8
     assert resolve_precision(Precision.AUTO, torch.device("cuda")) is Precision.BFLOAT16
