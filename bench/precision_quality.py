@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.generate import QUESTIONS  # noqa: E402
 from service.config import load_settings  # noqa: E402
 from service.engine.fill.driver import FillDriver  # noqa: E402
-from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams  # noqa: E402
+from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams, compile_job  # noqa: E402
 from service.engine.loading import LoadedModel, load_model  # noqa: E402
 from service.engine.vocab import ModelVocab  # noqa: E402
-from service.masks.output import OutputMaskSpec, compile_output_mask  # noqa: E402
+from service.masks.output import OutputMaskSpec  # noqa: E402
 from service.training.eval import EvalMode, evaluate, read_cloze  # noqa: E402
 
 CLOZE = Path(__file__).resolve().parent.parent / "service" / "data" / "cloze.tsv"
@@ -77,8 +77,8 @@ def run_engine(loaded: LoadedModel, jobs: list[GenerationJob]) -> list[RunningRe
     batch = DecodeBatch.serving(loaded, vocab)
     seqs = []
     for job in jobs:
-        mask = compile_output_mask(job.output_mask, vocab.vocabulary, encode=vocab.encode, grammars=vocab.grammars)
-        seqs.append(RunningRequest(job, mask, batch.device))
+        compile_job(job, vocab, dtype=batch.dtype, dims=loaded.attention_dims)  # as the server does at submission
+        seqs.append(RunningRequest(job, batch.device))
     pending = list(seqs)
     while pending or batch.rows:
         if pending:  # at most 8 at a time join, as the scheduler's prefill chunks do
