@@ -15,8 +15,8 @@ machine load):
   prompts through the GGUF's own chat template, the same thread count, exactly ``--tokens`` tokens (its
   end-of-sequence tokens banned through ``logit_bias``), one stream, in a subprocess of its own (its OpenMP
   team must not share a process with ours: service/engine/compute.py);
-- the old engine: ``maskserve serve`` with ``MASKSERVE_PRECISION=float32`` in a subprocess, 1 and 32 streams
-  (``--no-float32-engine`` skips it);
+- the old engine: ``maskserve serve`` with ``MASKSERVE_PRECISION=float32 MASKSERVE_FUSED_DECODE=false`` (transformers'
+  forward for every step) in a subprocess, 1 and 32 streams (``--no-float32-engine`` skips it);
 - transformers' ``generate`` in ``--hf-precision`` (bfloat16 by default): sequential per request, and static
   batching (all 32 prompts in one ``generate`` call: the best case, no arrivals, no masks);
 - time per token with and without a JSON-schema constraint (1 and 8 streams), and what the masks themselves
@@ -251,8 +251,10 @@ def start_float32_engine(threads: int) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = int(sock.getsockname()[1])
-    env = {**os.environ, "MASKSERVE_PRECISION": "float32", "MASKSERVE_ADAPTER": "none", "MASKSERVE_LOG_LEVEL":
-           "warning", "MASKSERVE_MAX_RUNNING_REQUESTS": "32", "MASKSERVE_TORCH_THREADS": str(threads)}  # fmt: skip
+    # The old engine: float32 weights and transformers' forward for every decode step (no fused step).
+    env = {**os.environ, "MASKSERVE_PRECISION": "float32", "MASKSERVE_FUSED_DECODE": "false", "MASKSERVE_ADAPTER":
+           "none", "MASKSERVE_LOG_LEVEL": "warning", "MASKSERVE_MAX_RUNNING_REQUESTS": "32",
+           "MASKSERVE_TORCH_THREADS": str(threads)}  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
                             cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
