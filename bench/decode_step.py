@@ -5,13 +5,14 @@
 Prints the median time of a one-token decode step (20 steps after one prefill, alternated over 3 rounds) in
 the served precision (``MASKSERVE_PRECISION``; int8 by default on CPU) two ways: transformers' forward with its
 own cache, and the engine's fused step (service/engine/fused_decoder.py) on the engine's cache; then the
-operators that take the fused step's time (torch.profiler, 5 steps).
+operators that take the fused step's time (torch.profiler, 5 steps, the prefill left out).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -38,9 +39,11 @@ def decode_steps(model: Any, ids: torch.Tensor, steps: int) -> list[float]:
     return times
 
 
-def fused_steps(loaded: LoadedModel, ids: torch.Tensor, steps: int) -> list[float]:
+def fused_steps(
+    loaded: LoadedModel, ids: torch.Tensor, steps: int, around_steps: AbstractContextManager[Any] | None = None
+) -> list[float]:
     """The engine's fused step: prefill through transformers into the engine's cache, then ``steps`` greedy
-    one-token steps; seconds per step."""
+    one-token steps (inside ``around_steps``, a profiler say); seconds per step."""
     model, decoder = loaded.generation_model, loaded.decoder
     assert model is not None
     assert decoder is not None, "the fused step does not apply to this model"
@@ -49,12 +52,13 @@ def fused_steps(loaded: LoadedModel, ids: torch.Tensor, steps: int) -> list[floa
         cache = BatchKVCache(int(model.config.num_hidden_layers))
         out = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
         token, position = out.logits[:, -1].argmax(-1), torch.tensor([ids.shape[1]])  # (1,), (1,)
-        for _ in range(steps):
-            mask = torch.ones(1, 1, 1, cache.width + 1, dtype=torch.bool)  # (B, 1, 1, S): every key
-            started = time.perf_counter()
-            logits = decoder.step(token, mask, position, cache)
-            times.append(time.perf_counter() - started)
-            token, position = logits.argmax(-1), position + 1
+        with around_steps or nullcontext():
+            for _ in range(steps):
+                mask = torch.ones(1, 1, 1, cache.width + 1, dtype=torch.bool)  # (B, 1, 1, S): every key
+                started = time.perf_counter()
+                logits = decoder.step(token, mask, position, cache)
+                times.append(time.perf_counter() - started)
+                token, position = logits.argmax(-1), position + 1
     return times
 
 
@@ -68,8 +72,8 @@ def main() -> None:
     for _ in range(3):
         rounds["transformers"].append(statistics.median(decode_steps(model, ids, 20)) * 1000)
         rounds["fused"].append(statistics.median(fused_steps(loaded, ids, 20)) * 1000)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fused_steps(loaded, ids, 5)
+    prof = profile(activities=[ProfilerActivity.CPU])
+    fused_steps(loaded, ids, 5, around_steps=prof)  # the steps alone, not the prefill
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
     for name, values in rounds.items():
         print(f"{name:12s} one-token decode step, medians of 20 a round: {', '.join(f'{v:.1f}' for v in values)} ms")
