@@ -64,7 +64,7 @@ def read_states(probe: Probe, rows: list[Row]) -> torch.Tensor:
     pad = int(probe.codec.tokenizer.pad_token_id or 0)
     device = probe.model.device
     ids = torch.tensor([[*r.ids, *[pad] * (width - len(r.ids))] for r in rows], device=device)  # (N, T)
-    masks = fill_attention([len(r.ids) for r in rows], probe.model.dtype, device)
+    masks = fill_attention([len(r.ids) for r in rows], probe.model.fill_mask_dtype, device)
     hidden = net.base_model(
         input_ids=ids, attention_mask=masks.attention, position_ids=masks.position_ids, use_cache=False
     ).last_hidden_state  # (N, T, H)

@@ -80,7 +80,7 @@ class LoadedModel:
     kind: ModelKind
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
-    dtype: torch.dtype  # of activations, masks and the KV cache (bfloat16 under int8)
+    dtype: torch.dtype  # of activations, masks and the KV cache (bfloat16 under int8); fill-mask: below
     max_length: int
     fill_mask_model: PreTrainedModel | None
     generation_model: PreTrainedModel | None
@@ -93,6 +93,11 @@ class LoadedModel:
     fill_mask_precision: Precision | None = None  # where the fill-mask model has its own (auto: float32 or int8)
     steerable: bool = False  # attention runs service/engine/steering.py: emphasis may pick layers/heads
     decoder: FusedDecoder | None = None  # the fused decode step of generation_model (None: transformers' forward)
+
+    @property
+    def fill_mask_dtype(self) -> torch.dtype:
+        """The fill-mask model's activation dtype (its 4D masks'): under ``auto`` it may differ from ``dtype``."""
+        return activation_dtype(self.fill_mask_precision or self.precision)
 
     @property
     def attention_dims(self) -> tuple[int, int]:

@@ -174,6 +174,8 @@ def test_auto_fill_mask_model_takes_the_faster_gemm(monkeypatch: pytest.MonkeyPa
     assert loaded.fill_mask_model is not None
     assert next(loaded.fill_mask_model.parameters()).dtype == torch.float32
     assert loaded.describe()["fill_mask_precision"] == "float32"
+    assert loaded.fill_mask_dtype == torch.float32  # its masks too: a forward runs (bfloat16 masks would fail)
+    assert torch.isfinite(forward_rows(loaded, [Row((3, 4, 5, 6), (2,))])[0]).all()
 
 
 def test_auto_is_int8_on_cpu_and_bfloat16_on_cuda() -> None:

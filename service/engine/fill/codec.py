@@ -101,7 +101,7 @@ class FillMaskCodec:
         self.max_masks = settings.max_masks_per_input
         self.specials = special_ids(self.tokenizer)
         self.attention_dims = model.attention_dims if model.steerable else None  # emphasis on chosen layers
-        self.dtype = model.dtype  # of the 4D masks
+        self.dtype = model.fill_mask_dtype  # of the 4D masks
         self.vocab = word_pieces(self.tokenizer, model.vocab_size)
         self.lexicon = load_lexicon(settings.whole_word_lexicon)  # whole-word fills must be words (None: any)
         self.uncased = bool(getattr(self.tokenizer, "do_lower_case", False))  # BERT uncased: "jupiter" is a name

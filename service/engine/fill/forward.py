@@ -36,7 +36,7 @@ def forward_rows(
     width = max(lengths)
     pad = int(model.tokenizer.pad_token_id or 0)
     ids = torch.tensor([[*r.ids, *[pad] * (width - len(r.ids))] for r in rows], device=model.device)  # (B, S)
-    masks = fill_attention(lengths, model.dtype, model.device, [r.attention for r in rows])
+    masks = fill_attention(lengths, model.fill_mask_dtype, model.device, [r.attention for r in rows])
     steer: dict[str, Any] = {"scoped_bias": masks.scoped_bias} if masks.scoped_bias is not None else {}
     if probe is not None:
         steer["attention_probe"] = probe
