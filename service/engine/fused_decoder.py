@@ -95,7 +95,7 @@ class FusedDecoder:
         self.head: nn.Module = model.lm_head
         rotary = base.rotary_emb
         self.inv_freq: Tensor = rotary.inv_freq  # (D/2,) float32
-        self.rope_scaling = float(rotary.attention_scaling)
+        self.rope_attention_scaling = float(rotary.attention_scaling)
         self.layers = [
             FusedLayer(
                 input_norm=layer.input_layernorm.weight,
@@ -140,8 +140,8 @@ class FusedDecoder:
         """cos and signed sin for ``positions`` (B,), as transformers' LlamaRotaryEmbedding.  -> (B, 1, D) each"""
         freqs = positions[:, None].float() * self.inv_freq  # (B, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, D)
-        cos = (emb.cos() * self.rope_scaling).to(dtype)[:, None]  # (B, 1, D)
-        sin = (emb.sin() * self.rope_scaling).to(dtype)[:, None]  # (B, 1, D)
+        cos = (emb.cos() * self.rope_attention_scaling).to(dtype)[:, None]  # (B, 1, D)
+        sin = (emb.sin() * self.rope_attention_scaling).to(dtype)[:, None]  # (B, 1, D)
         return cos, sin * self.rotate_sign
 
     @torch.inference_mode()
