@@ -155,7 +155,7 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The effective weights (``q * scale`` in bfloat16), for code that reads a linear's ``weight``
+        """The effective weights (``q * scale``, in the copy's dtype), for code that reads a linear's ``weight``
         (its shape, e.g. the vocabulary size of an LM head).  # (O, K)"""
         return self.dense if self.dense is not None else self.dequantized()
 
