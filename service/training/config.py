@@ -86,6 +86,13 @@ class FinetuneConfig:
         "mntp: the token(s) every sentence starts with, space-separated tokens as the vocabulary writes them "
         "(e.g. '<|im_start|> Ġand'); unset = the tokenizer's BOS",
     )
+    # After a prefix that ends in a word (" and"), a first word written bare ("Jupiter") is a token family the
+    # base model rarely saw there; with a space it is the family every mid-sentence word is in (" Jupiter").
+    space_first_word: bool = option(
+        False,
+        "mntp: start every sentence with a space, so its first word is a spaced sub-token as mid-sentence "
+        "(recorded in maskserve.json; serving does the same)",
+    )
     first_word_prob: float = option(0.0, "mlm/mntp: share of examples whose first word is masked too (sentence starts)")
     prompt_loss_weight: float = option(
         0.0, "sft: loss weight of prompt tokens (0 = masked out of the loss ... 1 = full weight)"

@@ -176,11 +176,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
             if token not in tokenizer.get_vocab():
                 raise ValueError(f"--prefix-token: {token!r} is not a token of the vocabulary")
         meta.update(mask_token=mask_token, prefix_token=prefix)
+        if cfg.space_first_word:
+            meta.update(space_first_word=True)
         obj = MaskedObjective(
             tokenizer, cfg.masking(), token_id(tokenizer, mask_token),
             non_special_ids(tokenizer, vocab), cfg.max_length, shift=objective is Objective.MNTP,
             prefix_ids=tuple(token_id(tokenizer, t) for t in (prefix or "").split()),
-            first_word_prob=cfg.first_word_prob,
+            first_word_prob=cfg.first_word_prob, space_first_word=cfg.space_first_word,
         )  # fmt: skip
 
     examples = read_examples(Path(cfg.data), chat=objective is Objective.SFT)

@@ -92,12 +92,16 @@ class MaskedObjective:
     # Share of examples whose first word is selected as well (on top of the ratio): a uniform choice
     # reaches a sentence's first word about as often as any other, and nearly always a "The"/"He"/"I".
     first_word_prob: float = 0.0
+    # MNTP: every text starts with a space, so a first word is " Jupiter" as mid-sentence, not "Jupiter"
+    space_first_word: bool = False
 
     def encode(self, examples: Sequence[Example]) -> list[Encoded]:
         texts = [e for e in examples if isinstance(e, str)]
         if len(texts) != len(examples):
             raise ValueError("mlm/mntp examples are plain text")
         room = self.max_length - len(self.prefix_ids)
+        if self.space_first_word:
+            texts = [" " + t.lstrip() for t in texts]
         enc = self.tokenizer(texts, add_special_tokens=not self.prefix_ids and not self.shift,
                              truncation=True, max_length=room)  # fmt: skip
         out = []

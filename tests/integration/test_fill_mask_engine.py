@@ -21,7 +21,7 @@ from service.config import Settings, load_settings
 from service.engine.fill.codec import FillMaskCodec, word_pieces
 from service.engine.fill.forward import forward_rows, head_only_matches
 from service.engine.fill.job import Candidate, FillMaskJob, FillMaskResult
-from service.engine.fill.search import Row
+from service.engine.fill.search import Pick, Row, pick
 from service.engine.fill.worker import FillMaskWorker
 from service.engine.lexicon import load_lexicon
 from service.engine.loading import LoadedModel
@@ -148,6 +148,49 @@ def test_a_prefix_of_several_tokens_comes_before_every_text(
     assert codec.read(inp.slots[0].index) == 1  # MNTP: read at i-1, the prefix's last token
     filled = codec.render(inp, 0, Candidate((token_id(tok, "Ġdog"),), 0.5))
     assert filled.sequence == "dog is big."  # the prefix (a word here) is not part of the client's text
+
+
+def test_space_first_word_writes_the_first_word_as_mid_sentence(
+    tiny_mntp: LoadedModel, mntp_settings: Settings, tmp_path: Path
+) -> None:
+    """maskserve.json's space_first_word: training put a space before every text, so serving does too: a
+    first word is "Ġred" as mid-sentence, a mask there fills a spaced word, and the client's text comes back
+    without the space."""
+    tok = tiny_mntp.tokenizer
+    (tmp_path / "maskserve.json").write_text(json.dumps({"prefix_token": tok.bos_token, "space_first_word": True}))
+    codec = FillMaskCodec(dataclasses.replace(tiny_mntp, adapter=str(tmp_path)), mntp_settings)
+    word_first = codec.encode("red [MASK] dog.", "inputs")
+    assert tok.convert_ids_to_tokens(list(word_first.ids)) == ["<|im_start|>", "Ġred", "<mask>", "Ġdog", "."]
+    assert word_first.offsets[1] == (0, 3)  # the added space is no character of the client's text
+    mask_first = codec.encode("[MASK] the red ball.", "inputs")
+    assert tok.convert_ids_to_tokens(list(mask_first.ids)) == ["<|im_start|>", "<mask>", "Ġthe", "Ġred", "Ġball", "."]
+    assert [(s.spaced, s.starts_sentence) for s in mask_first.slots] == [(True, True)]
+    filled = codec.render(mask_first, 0, Candidate((token_id(tok, "Ġdog"),), 0.5))
+    assert (filled.sequence, filled.token_str) == ("dog the red ball.", " dog")
+    again = codec.render(word_first, 0, Candidate((token_id(tok, "Ġball"),), 0.5))
+    assert again.sequence == "red ball dog."
+
+
+def test_a_sentence_start_takes_capitalised_whole_words(mntp_codec: FillMaskCodec) -> None:
+    """Whole-word fills at a sentence start begin with a capital letter or a digit (no "the", "his" there);
+    elsewhere any word start may."""
+    slots = [
+        (text, [s.starts_sentence for s in mntp_codec.encode(text, "inputs").slots])
+        for text in ["[MASK] is big.", "It rained. [MASK] came out!", "the [MASK] and [MASK].", 'Hi ("[MASK]").']
+    ]
+    assert slots == [
+        ("[MASK] is big.", [True]),
+        ("It rained. [MASK] came out!", [True]),
+        ("the [MASK] and [MASK].", [False, False]),
+        ('Hi ("[MASK]").', [False]),
+    ]
+    vocab, tok = mntp_codec.vocab, mntp_codec.tokenizer
+    logp = torch.zeros(1, len(vocab.real))  # (reads, V): every token equally likely
+    picked = pick(logp, Pick("start_bare", 400, capital=True), vocab)
+    words = [tok.convert_ids_to_tokens(int(i)) for i, v in zip(picked.ids[0], picked.logp[0], strict=True) if v > -1e9]
+    assert "J" in words
+    assert all(w[0].isupper() or w[0].isdigit() for w in words)
+    assert len(words) < int(vocab.start_bare.sum())  # lower-case starts ("the") are left out
 
 
 def test_encode_target(bert_codec: FillMaskCodec, mntp_codec: FillMaskCodec) -> None:

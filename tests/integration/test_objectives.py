@@ -219,3 +219,19 @@ def test_a_prefix_of_several_tokens_reads_the_first_word_at_its_last_token(
     assert batch.input_ids[0, 2] == obj.mask_token_id  # the first word is masked (first_word_prob 1)
     assert batch.targets[0, 1] == first  # and predicted at the prefix's last token
     assert batch.targets[0, 0] == X  # BOS predicts nothing
+
+
+def test_space_first_word_writes_a_text_as_if_a_space_came_before_it(llama_tok: PreTrainedTokenizerBase) -> None:
+    """The first word becomes the spaced sub-tokens a mid-sentence word has ("Ġdogs", not "dogs"), and the
+    whole of it is still one word the first-word masking selects."""
+    obj = dataclasses.replace(
+        _mntp(llama_tok, ratio=0.01), prefix_ids=(int(llama_tok.bos_token_id),), space_first_word=True
+    )
+    (item,) = obj.encode(["dogs bark loudly."])
+    spaced = llama_tok(" dogs bark loudly.", add_special_tokens=False)["input_ids"]
+    assert item.ids == [int(llama_tok.bos_token_id), *spaced]
+    assert llama_tok.convert_ids_to_tokens(item.ids[1]).startswith("Ġ")
+    assert item.word_ids[0] == -1
+    assert item.word_ids[1] == 0
+    (plain,) = dataclasses.replace(obj, space_first_word=False).encode(["dogs bark loudly."])
+    assert not llama_tok.convert_ids_to_tokens(plain.ids[1]).startswith("Ġ")

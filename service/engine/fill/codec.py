@@ -22,6 +22,8 @@ from service.engine.loading import UNIVERSAL_MASK, LoadedModel, read_adapter_met
 from service.errors import InvalidRequest
 from service.masks.fill import expand_mask, read_position
 
+# The text before a mask that starts a sentence (the spaces before the mask are the mask's: not in it)
+SENTENCE_END = re.compile(r"(?:^|[.!?][\"')\]]*)\s*$")
 WORD_BODY = re.compile(r"[\w'\-]+")  # what a whole-word sub-token may consist of (after its space marker)
 SPACE_MARKERS = ("Ġ", "▁")  # byte-level BPE and SentencePiece: the sub-token starts a word after a space
 
@@ -34,6 +36,7 @@ class WordPieces:
     start_spaced: Tensor  # begins a word that follows a space ("Ġdog"; any non-"##" piece for WordPiece)
     start_bare: Tensor  # begins a word with no space before it (text start; "dog" without marker)
     cont: Tensor  # continues the previous sub-token's word ("##g"; a BPE piece without space marker)
+    capital: Tensor  # its first letter is upper-case, or it is a digit ("ĠJupiter", "Dogs", "1990")
 
 
 def special_ids(tokenizer: Any) -> set[int]:
@@ -58,11 +61,13 @@ def word_pieces(tokenizer: Any, vocab_size: int) -> WordPieces:
     prefix = str(getattr(getattr(backend, "model", None), "continuing_subword_prefix", None) or "")
     wordpiece = type(getattr(backend, "model", None)).__name__ == "WordPiece" and bool(prefix)
     specials = special_ids(tokenizer)
-    real, spaced, bare, cont = (torch.zeros(vocab_size, dtype=torch.bool) for _ in range(4))
+    real, spaced, bare, cont, capital = (torch.zeros(vocab_size, dtype=torch.bool) for _ in range(5))
     for i, (tok, text) in enumerate(zip(tokens, texts, strict=True)):
         if i in specials or tok is None:
             continue
         real[i] = True
+        first = text.lstrip(" ")[:1]
+        capital[i] = first.isupper() or first.isdigit()
         if wordpiece:
             is_cont = tok.startswith(prefix)
             if WORD_BODY.fullmatch(tok.removeprefix(prefix) if is_cont else tok):
@@ -73,17 +78,24 @@ def word_pieces(tokenizer: Any, vocab_size: int) -> WordPieces:
             if WORD_BODY.fullmatch(text.removeprefix(" ") if marked else text):
                 spaced[i] = marked
                 bare[i] = cont[i] = not marked
-    return WordPieces(real, spaced, bare, cont)
+    return WordPieces(real, spaced, bare, cont, capital)
 
 
-def mntp_prefix_ids(model: LoadedModel) -> tuple[int, ...]:
-    """The tokens MNTP puts before every text so a mask at the start has an i-1: the adapter's
-    ``maskserve.json`` ``prefix_token`` (space-separated tokens), else the tokenizer's BOS (training
-    prepends the same)."""
+@dataclass(frozen=True)
+class MntpConvention:
+    """How MNTP training wrote every text, which serving must repeat (the adapter's ``maskserve.json``)."""
+
+    prefix_ids: tuple[int, ...]  # before every text, so a mask at the start has an i-1
+    space_first_word: bool  # the text starts with a space: its first word is " Jupiter", as mid-sentence
+
+
+def mntp_convention(model: LoadedModel) -> MntpConvention:
+    """``prefix_token`` (space-separated tokens; unset: the tokenizer's BOS) and ``space_first_word``."""
     meta = read_adapter_meta(Path(model.adapter)) if model.adapter else {}
     tokens = str(meta.get("prefix_token") or model.tokenizer.bos_token or "").split()
     ids = [model.tokenizer.convert_tokens_to_ids(t) for t in tokens]
-    return tuple(int(i) for i in ids if isinstance(i, int))
+    prefix = tuple(int(i) for i in ids if isinstance(i, int))
+    return MntpConvention(prefix, bool(meta.get("space_first_word")))
 
 
 class FillMaskCodec:
@@ -96,7 +108,9 @@ class FillMaskCodec:
         self.mask_token: str = model.mask_token
         self.mask_id: int = model.mask_token_id
         self.mntp = model.mntp
-        self.prefix_ids = mntp_prefix_ids(model) if self.mntp else ()
+        convention = mntp_convention(model) if self.mntp else MntpConvention((), False)
+        self.prefix_ids = convention.prefix_ids
+        self.space_first_word = convention.space_first_word
         self.max_length = model.max_length
         self.max_masks = settings.max_masks_per_input
         self.specials = special_ids(self.tokenizer)
@@ -105,6 +119,8 @@ class FillMaskCodec:
         self.vocab = word_pieces(self.tokenizer, model.vocab_size)
         self.lexicon = load_lexicon(settings.whole_word_lexicon)  # whole-word fills must be words (None: any)
         self.uncased = bool(getattr(self.tokenizer, "do_lower_case", False))  # BERT uncased: "jupiter" is a name
+        # A word that starts a sentence is capitalised, where the vocabulary can write one
+        self.capitalise_starts = not self.uncased and bool((self.vocab.capital & self.vocab.start_bare).any())
         self.placeholders = tuple(dict.fromkeys([UNIVERSAL_MASK, self.mask_token]))
         # Spaces before a placeholder belong to the masked word: BPE writes " dog" as one sub-token "Ġdog",
         # and MNTP training masks that sub-token whole (RoBERTa's <mask> lstrip does the same).
@@ -131,13 +147,17 @@ class FillMaskCodec:
         if not text.strip():
             raise InvalidRequest(f"'{param}' is empty; {self.placeholder_hint()}", param=param)
         spaced: list[bool] = []
+        initial: list[bool] = []
         written: list[str] = []
         chunks: list[str] = []
         starts: list[int] = []  # per character of the masked text: where it came from in ``text``
         ends: list[int] = []
         pos = 0
         for m in self._placeholder.finditer(text):
-            spaced.append(bool(m.group(1)) and m.start() > 0)
+            before = text[: m.start()]
+            # A mask at the very start fills a bare word ("Jupiter"), unless training spaced first words
+            spaced.append(bool(m.group(1)) and m.start() > 0 or (self.space_first_word and not before.strip()))
+            initial.append(SENTENCE_END.search(before) is not None)
             written.append(m.group(2))
             chunks += [text[pos : m.start()], self.mask_token]  # the spaces before a placeholder go with it
             starts += [*range(pos, m.start()), *[m.start(2)] * len(self.mask_token)]
@@ -147,6 +167,8 @@ class FillMaskCodec:
         starts += range(pos, len(text))
         ends += range(pos + 1, len(text) + 1)
         masked_text = "".join(chunks)
+        if self.space_first_word and not masked_text[:1].isspace() and not masked_text.startswith(self.mask_token):
+            masked_text, starts, ends = " " + masked_text, [0, *starts], [0, *ends]  # a space the client did not write
         if not spaced:
             raise InvalidRequest(f"'{param}' has no mask; {self.placeholder_hint()}", param=param)
         if len(spaced) > self.max_masks:
@@ -177,7 +199,10 @@ class FillMaskCodec:
                 f"'{param}' starts with a mask, and this model has no prefix token to predict it from",
                 param=param,
             )
-        slots = tuple(MaskSlot(i, s, w) for i, s, w in zip(where, spaced, written, strict=True))
+        slots = tuple(
+            MaskSlot(i, s, w, starts_sentence=f and self.capitalise_starts)
+            for i, s, w, f in zip(where, spaced, written, initial, strict=True)
+        )
         return FillInput(text, tuple(ids), slots, tuple(spans))
 
     def encode_target(self, word: str, param: str, max_pieces: int) -> Target:

@@ -17,6 +17,7 @@ class MaskSlot:
     index: int  # position of the mask token in ``FillInput.ids``
     spaced: bool  # a space preceded the placeholder: the fill carries it (BPE "Ġdog"), as in training
     written: str  # the placeholder as the client wrote it, for the ``sequence`` of other masks' candidates
+    starts_sentence: bool = False  # at the text's start or after ". ": a whole word there is capitalised
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ class Pick:
     family: str = "real"
     k: int = 0
     ids: tuple[int, ...] = ()
+    capital: bool = False  # only the family's capitalised tokens (a word that starts a sentence)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,8 @@ def pick(logp: Tensor, what: Pick, vocab: WordPieces) -> Picked:
     if what.ids:
         ids = torch.tensor(what.ids, device=logp.device).expand(logp.shape[0], -1)  # (reads, k)
         return Picked(logp.gather(1, ids), ids)
-    allowed = getattr(vocab, what.family).to(logp.device)  # (V,)
+    allowed = getattr(vocab, what.family) & vocab.capital if what.capital else getattr(vocab, what.family)
+    allowed = allowed.to(logp.device)  # (V,)
     top = restrict_vocab(logp, allowed).topk(min(what.k, logp.shape[-1]))
     return Picked(top.values, top.indices)
 
@@ -132,7 +134,7 @@ def whole_words(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, k: int, ma
         if not live:
             break
         # The best `beam` extensions over all of a length's beams are among each beam's own best `beam`.
-        what = Pick(first if j == 0 else "cont", beam)
+        what = Pick(first, beam, capital=slot.starts_sentence) if j == 0 else Pick("cont", beam)
         needs = [Need(widened_row(codec, inp, slot, fill, n - j), what) for n, b in live.items() for fill, _ in b]
         outs = iter((yield needs))
         for n, b in live.items():
