@@ -31,7 +31,8 @@ def test_adapter_files_are_small_fp16_and_described() -> None:
     assert weights.stat().st_size < 15 * 2**20
     assert {t.dtype for t in load_file(weights).values()} == {torch.float16}
     assert json.loads((SHIPPED_ADAPTER_DIR / "maskserve.json").read_text()) == {
-        "objective": "mntp", "mask_token": "<empty_output>", "prefix_token": "Ġand",
+        "objective": "mntp", "mask_token": "<empty_output>", "prefix_token": "<|im_start|> Ġand",
+        "space_first_word": True,
     }  # fmt: skip
     card = (SHIPPED_ADAPTER_DIR / "README.md").read_text()
     for needed in ("SmolLM2-135M-Instruct", "wordnet-base", "trans-de-en", "fortunes", "## Reproduce", "whole_word"):
