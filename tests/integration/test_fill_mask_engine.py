@@ -166,7 +166,7 @@ def test_space_first_word_writes_the_first_word_as_mid_sentence(
     assert tok.convert_ids_to_tokens(list(mask_first.ids)) == ["<|im_start|>", "<mask>", "Ġthe", "Ġred", "Ġball", "."]
     assert [(s.spaced, s.starts_sentence) for s in mask_first.slots] == [(True, True)]
     filled = codec.render(mask_first, 0, Candidate((token_id(tok, "Ġdog"),), 0.5))
-    assert (filled.sequence, filled.token_str) == ("dog the red ball.", " dog")
+    assert (filled.sequence, filled.token_str) == ("dog the red ball.", "dog")  # as the client's text has it
     again = codec.render(word_first, 0, Candidate((token_id(tok, "Ġball"),), 0.5))
     assert again.sequence == "red ball dog."
 

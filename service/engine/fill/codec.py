@@ -230,14 +230,13 @@ class FillMaskCodec:
         ids = expand_mask(inp.ids, slot.index, cand.pieces, 0, self.mask_id)[len(self.prefix_ids) :]
         others = [s for n, s in enumerate(inp.slots) if n != slot_no]
         sequence = self._sequence(ids, others)
+        token_str = self.decode(cand.pieces)
         if not inp.text[:1].isspace():  # a spaced fill at the very start: the client's text has no space there
             sequence = sequence.lstrip(" ")
+            if slot.index == len(self.prefix_ids):
+                token_str = token_str.lstrip(" ")
         return FillCandidate(
-            sequence=sequence,
-            score=cand.score,
-            token=cand.pieces[0],
-            token_str=self.decode(cand.pieces),
-            pieces=cand.pieces,
+            sequence=sequence, score=cand.score, token=cand.pieces[0], token_str=token_str, pieces=cand.pieces
         )
 
     def _sequence(self, ids: Sequence[int], other_slots: Sequence[MaskSlot]) -> str:
