@@ -189,6 +189,7 @@ def test_stop_sequence_and_min_tokens(client: TestClient) -> None:
         ({"prompt": "a", "n": 0}, 422, "n"),
         ({"prompt": "a", "n": 9}, 400, "n"),  # MASKSERVE_MAX_N is 8
         ({"prompt": "a", "frequency_penalty": 2.5}, 422, "frequency_penalty"),
+        ({"prompt": "a", "repetition_penalty": 2.7e-90}, 422, "repetition_penalty"),  # once overflowed the logits
         ({"prompt": "a", "no_repeat_ngram_size": -1}, 422, "no_repeat_ngram_size"),
     ],
 )

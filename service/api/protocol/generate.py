@@ -58,7 +58,10 @@ class SamplingFields(OutputMaskFields):
 
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: smallest set with this much mass.")
     top_k: int = Field(0, ge=0, description="Sample among the k most probable tokens (0 = all).")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="> 1 discourages repeating tokens.")
+    # Bounded on both sides: CTRL's penalty divides logits by it, and a tiny one (1e-90) overflowed them to inf
+    repetition_penalty: float = Field(
+        1.0, ge=0.1, le=10.0, description="> 1 discourages repeating tokens, < 1 encourages them (0.1-10)."
+    )
     frequency_penalty: float = Field(
         0.0,
         ge=-2.0,
