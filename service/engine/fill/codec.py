@@ -156,7 +156,7 @@ class FillMaskCodec:
         for m in self._placeholder.finditer(text):
             before = text[: m.start()]
             # A mask at the very start fills a bare word ("Jupiter"), unless training spaced first words
-            spaced.append(bool(m.group(1)) and m.start() > 0 or (self.space_first_word and not before.strip()))
+            spaced.append((bool(m.group(1)) and m.start() > 0) or (self.space_first_word and not before.strip()))
             initial.append(SENTENCE_END.search(before) is not None)
             written.append(m.group(2))
             chunks += [text[pos : m.start()], self.mask_token]  # the spaces before a placeholder go with it
