@@ -38,15 +38,18 @@ def fill_attention(
     dtype: torch.dtype,
     device: torch.device | None = None,
     rows: Sequence[RequestAttention | None] | None = None,
+    *,
+    causal: bool = False,
 ) -> FillAttention:
-    """Masks for a right-padded batch read bidirectionally (encoders, MNTP decoders): the batch assembly of
-    ``service/masks/batch.py`` over each row's compiled constraints (None: unconstrained).
+    """Masks for a right-padded batch read bidirectionally (encoders, MNTP decoders; ``causal``: the base
+    decoder scoring whole sentences, the whole-word rerank): the batch assembly of ``service/masks/batch.py``
+    over each row's compiled constraints (None: unconstrained).
 
     Additive rather than bool: SDPA takes both, the eager attention path only adds a float mask.
     """
     compiled = [r if r is not None else RequestAttention(n) for n, r in zip(lengths, rows or [None] * len(lengths),
                                                                              strict=True)]  # fmt: skip
-    masks = batch_attention(compiled, dtype=dtype, side="right", causal=False, additive=True, device=device)
+    masks = batch_attention(compiled, dtype=dtype, side="right", causal=causal, additive=True, device=device)
     restarted = any(r.positions is not None for r in compiled)
     return FillAttention(masks.key_mask, masks.mask, masks.positions, masks.scoped_bias, restarted)
 

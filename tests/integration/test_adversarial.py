@@ -206,6 +206,20 @@ def test_eight_whole_word_masks_at_top_k_100_are_refused(client: TestClient) -> 
     assert "4832 sequences" in r.json()["error"]["message"]  # 8 masks x (4 + 100 x 4 x 3 / 2)
 
 
+def test_the_rerank_is_priced_where_it_applies(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    """One mask: 2 + 20 x 2 x 1 / 2 search rows + 20 rerank rows = 42; two masks are not reranked: 2 x 22."""
+    settings = mntp_settings.model_copy(update={"fill_rerank": True, "max_fill_rows": 41})
+    body = {"inputs": f"The {MASK} barked.", "parameters": {"whole_word": True, "top_k": 20, "max_word_tokens": 2}}
+    with TestClient(create_test_app(settings, tiny_mntp)) as c:
+        r = post(c, "/v1/fill-mask", body)
+        assert_refused(r, "parameters.top_k")
+        assert "forward 42 sequences" in r.json()["error"]["message"]
+        two = post(c, "/v1/fill-mask", {**body, "inputs": f"The {MASK} barked at the {MASK}."})
+        assert "forward 44 sequences" in two.json()["error"]["message"]
+    with TestClient(create_test_app(settings.model_copy(update={"max_fill_rows": 42}), tiny_mntp)) as c:
+        assert post(c, "/v1/fill-mask", body).status_code == 200
+
+
 def test_targets_are_priced_by_their_sub_tokens(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
     codec = FillMaskCodec(tiny_mntp, mntp_settings)
     encoded = [codec.encode_target(w, "t", 4) for w in ("dog", "cat")]

@@ -128,7 +128,9 @@ def test_the_evaluator_answers_what_the_server_answers(
 def test_a_model_in_training_is_scored_as_it_will_be_served(
     tiny_llama_dir: Path, tiny_mntp_adapter_dir: Path, tiny_mntp: LoadedModel, mntp_settings: Settings
 ) -> None:
-    """The PEFT model, LoRA unmerged (as finetune evaluates it), against the loader's merged copy."""
+    """The PEFT model, LoRA unmerged (as finetune evaluates it), against the loader's merged copy. Without the
+    rerank: in training the base decoder is the model being trained (training_model has no generation model)."""
+    mntp_settings = mntp_settings.model_copy(update={"fill_rerank": False})
     net = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tiny_mntp_adapter_dir)
     training = training_model(net.eval(), tiny_mntp.tokenizer, ModelKind.DECODER, "<mask>", tiny_mntp_adapter_dir)
     items = [ClozeItem(s, ("x",)) for s in SENTENCES]

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -20,12 +21,13 @@ from transformers import PythonBackend, TokenizersBackend, pipeline
 from service.config import Settings, load_settings
 from service.engine.fill.codec import FillMaskCodec, word_pieces
 from service.engine.fill.forward import forward_rows, head_only_matches
-from service.engine.fill.job import Candidate, FillMaskJob, FillMaskResult
-from service.engine.fill.search import Pick, Row, pick
+from service.engine.fill.job import Candidate, FillInput, FillMaskJob, FillMaskResult
+from service.engine.fill.search import RERANK_WEIGHT, Pick, Row, pick
 from service.engine.fill.worker import FillMaskWorker
 from service.engine.lexicon import load_lexicon
 from service.engine.loading import LoadedModel
 from service.errors import ClientGone, InvalidRequest, Overloaded, RequestTimeout
+from service.masks.constraints import AttentionConstraints, TokenSpan
 from tests.tiny import token_id, token_ids
 
 
@@ -283,8 +285,9 @@ def test_targets_are_scored_jointly_by_the_chain_rule(tiny_bert: LoadedModel, ti
 
 
 def check_whole_words(model: LoadedModel, codec: FillMaskCodec, settings: Settings, text: str, n: int) -> list[Any]:
-    """The search itself, every fill of word pieces kept: a tiny random model's fills are rarely words."""
-    settings = settings.model_copy(update={"whole_word_lexicon": "none"})
+    """The search itself, every fill of word pieces kept (a tiny random model's fills are rarely words), and
+    no rerank (its scores are tested below)."""
+    settings = settings.model_copy(update={"whole_word_lexicon": "none", "fill_rerank": False})
     inp = codec.encode(text, "inputs")
     slot = inp.slots[0]
     job = FillMaskJob([inp], top_k=6, whole_word=True, max_word_tokens=n)
@@ -299,16 +302,71 @@ def check_whole_words(model: LoadedModel, codec: FillMaskCodec, settings: Settin
         assert bool(first[c.pieces[0]])
         assert all(bool(codec.vocab.cont[p]) for p in c.pieces[1:])
         assert c.token_str == codec.decode(c.pieces)
-        # the score is the geometric mean of the chain-rule probabilities, filled left to right
-        k = len(c.pieces)
-        ids = list(inp.ids)
-        total = 0.0
-        for j, piece in enumerate(c.pieces):
-            row = ids[: slot.index] + list(c.pieces[:j]) + [codec.mask_id] * (k - j) + ids[slot.index + 1 :]
-            read = slot.index + j - (1 if model.mntp else 0)
-            total += float(reference_logp(model, row, read)[piece])
-        assert c.score == pytest.approx(math.exp(total / k), rel=1e-5)
+        assert c.score == pytest.approx(geometric_mean(model, codec, inp, c.pieces), rel=1e-5)
     return cands
+
+
+def geometric_mean(model: LoadedModel, codec: FillMaskCodec, inp: FillInput, pieces: Sequence[int]) -> float:
+    """The geometric mean of a fill's chain-rule probabilities, filled left to right (reference forwards)."""
+    slot, k, ids = inp.slots[0], len(pieces), list(inp.ids)
+    total = 0.0
+    for j, piece in enumerate(pieces):
+        row = ids[: slot.index] + list(pieces[:j]) + [codec.mask_id] * (k - j) + ids[slot.index + 1 :]
+        read = slot.index + j - (1 if model.mntp else 0)
+        total += float(reference_logp(model, row, read)[piece])
+    return math.exp(total / k)
+
+
+def reference_sentence_logp(model: LoadedModel, ids: Sequence[int]) -> float:
+    """log P(ids[1:] | ids[0]) under the base decoder: one unpadded forward with its own causal mask."""
+    net = model.generation_model
+    assert net is not None
+    with torch.inference_mode():
+        logits = net(input_ids=torch.tensor([list(ids)])).logits[0].float()  # (T, V)
+    logp = torch.log_softmax(logits[:-1], dim=-1)  # (T - 1, V)
+    return float(logp.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+
+
+def test_whole_words_are_reranked_by_the_base_decoder(tiny_mntp: LoadedModel, mntp_settings: Settings) -> None:
+    settings = mntp_settings.model_copy(update={"whole_word_lexicon": "none", "fill_rerank": True})
+    codec = FillMaskCodec(tiny_mntp, settings)
+    assert codec.rerank  # a decoder with an MNTP adapter has the base decoder to rerank with
+    assert codec.sentence_start is not None
+    inp = codec.encode("The [MASK] barked at the mailman.", "inputs")
+    (result,) = run_jobs(tiny_mntp, settings, [FillMaskJob([inp], top_k=5, whole_word=True, max_word_tokens=2)])
+    got = result[0][0]
+    assert len(got) == 5
+    index, prefix = inp.slots[0].index, len(codec.prefix_ids)
+    joint = []
+    for c in got:
+        # the client's text with the fill, after the document start: no MNTP prefix, no mask token
+        sentence = [codec.sentence_start, *inp.ids[prefix:index], *c.pieces, *inp.ids[index + 1 :]]
+        assert codec.mask_id not in sentence
+        mntp = math.log(geometric_mean(tiny_mntp, codec, inp, c.pieces))
+        joint.append(reference_sentence_logp(tiny_mntp, sentence) + RERANK_WEIGHT * mntp)
+    assert joint == sorted(joint, reverse=True)  # ranked by the joint score
+    # a score is the candidate's share of the pool: the ratios of two scores are the ratios of their joints
+    for c, j in zip(got[1:], joint[1:], strict=True):
+        assert c.score / got[0].score == pytest.approx(math.exp(j - joint[0]), rel=1e-4)
+    assert sum(c.score for c in got) <= 1 + 1e-9
+
+
+@pytest.mark.parametrize("text", ["The [MASK] barked at the [MASK].", "The [MASK] barked at the mailman."])
+def test_no_rerank_with_two_masks_or_attention_spans(
+    text: str, tiny_mntp: LoadedModel, mntp_settings: Settings
+) -> None:
+    """Two masks: the filled sentence still holds a mask; spans: the base decoder would read an excluded span."""
+    settings = mntp_settings.model_copy(update={"whole_word_lexicon": "none", "fill_rerank": True})
+    codec = FillMaskCodec(tiny_mntp, settings)
+    inp = codec.encode(text, "inputs")
+    if len(inp.slots) == 1:
+        spans = AttentionConstraints(exclude=(TokenSpan(len(inp.ids) - 3, len(inp.ids) - 1),))
+        inp = dataclasses.replace(inp, attention=spans)
+    assert not codec.reranks(inp)
+    jobs = [FillMaskJob([inp], top_k=4, whole_word=True, max_word_tokens=2) for _ in range(2)]
+    on = run_jobs(tiny_mntp, settings, jobs[:1])
+    off = run_jobs(tiny_mntp, settings.model_copy(update={"fill_rerank": False}), jobs[1:])
+    assert on == off
 
 
 def test_whole_words_bert(tiny_bert: LoadedModel, bert_settings: Settings, bert_codec: FillMaskCodec) -> None:
@@ -326,7 +384,8 @@ def test_whole_words_mntp(tiny_mntp: LoadedModel, mntp_settings: Settings, mntp_
 @pytest.mark.parametrize("which", ["bert", "mntp"])
 def test_whole_words_keep_only_words_in_the_order_of_the_search(which: str, request: pytest.FixtureRequest) -> None:
     model: LoadedModel = request.getfixturevalue(f"tiny_{which}")
-    settings: Settings = request.getfixturevalue(f"{which}_settings")
+    # the search's own order (a rerank's shares depend on the pool the rule leaves)
+    settings: Settings = request.getfixturevalue(f"{which}_settings").model_copy(update={"fill_rerank": False})
     lexicon = load_lexicon(settings.whole_word_lexicon)
     assert lexicon is not None  # the default: english
     codec = FillMaskCodec(model, settings)
@@ -583,3 +642,37 @@ def test_stop_fails_waiting_requests(tiny_bert: LoadedModel, bert_settings: Sett
 
     outcomes = asyncio.run(main())
     assert [type(o).__name__ for o in outcomes] == ["NotReady", "NotReady"]
+
+
+def test_a_lone_client_skips_the_batch_window(tiny_bert: LoadedModel, bert_settings: Settings) -> None:
+    """Requests that come one at a time do not wait MASKSERVE_MAX_BATCH_WAIT_MS for company that never comes;
+    requests that arrive together still share a forward."""
+    settings = bert_settings.model_copy(update={"max_batch_wait_ms": 1500})
+    codec = FillMaskCodec(tiny_bert, settings)
+    sizes: list[int] = []
+
+    def forward(rows: Sequence[Row]) -> list[Tensor]:
+        sizes.append(len(rows))
+        return forward_rows(tiny_bert, rows)
+
+    def job(text: str) -> FillMaskJob:
+        return FillMaskJob([codec.encode(text, "inputs")], top_k=3)
+
+    async def main() -> list[float]:
+        worker = FillMaskWorker(tiny_bert, settings, threading.Lock(), forward)
+        await worker.start()
+        try:
+            took = []
+            for text in ["the dog [MASK] loudly.", "the cat [MASK] quietly."]:
+                start = time.perf_counter()
+                await worker.submit(job(text))
+                took.append(time.perf_counter() - start)
+            await asyncio.gather(*(worker.submit(job(t)) for t in ["a [MASK] b.", "c [MASK] d e.", "[MASK] f."]))
+            return took
+        finally:
+            await worker.stop()
+
+    first, second = asyncio.run(main())
+    assert first >= 1.4  # a fresh worker waits its window: concurrent requests may be on their way
+    assert second < 1.0  # the last round ran alone: the next request goes at once
+    assert sizes[-1] == 3  # queued together, forwarded together

@@ -83,7 +83,9 @@ def fill_mask_job(body: FillMaskRequest, codec: FillMaskCodec, settings: Setting
                 param=param,
             )
     top_k = min(p.top_k, len(targets)) if targets else p.top_k
-    rows = fill_rows(inputs, top_k=top_k, targets=targets, whole_word=p.whole_word, max_pieces=max_words)
+    rows = fill_rows(
+        inputs, top_k=top_k, targets=targets, whole_word=p.whole_word, max_pieces=max_words, reranks=codec.reranks
+    )
     check_fill_cost(rows, settings, whole_word=p.whole_word, targets=targets is not None, n_inputs=len(inputs))
     return FillMaskJob(
         inputs=inputs,

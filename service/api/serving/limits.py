@@ -9,7 +9,7 @@ the request is turned into a job.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from service.config import Settings
@@ -19,23 +19,29 @@ from service.errors import InvalidRequest
 from service.masks.output import OutputMaskSpec
 
 
-def whole_word_rows(top_k: int, max_pieces: int) -> int:
+def whole_word_rows(top_k: int, max_pieces: int, *, rerank: bool = False) -> int:
     """Rows one mask's whole-word search forwards: step 0 reads one row per length, step j >= 1 reads
-    ``beam`` rows for each length still growing (``max_pieces - j`` of them): P + B * P(P-1)/2."""
+    ``beam`` rows for each length still growing (``max_pieces - j`` of them): P + B * P(P-1)/2; the rerank
+    reads one causal row per answer: top_k more."""
     beam = max(top_k, MIN_BEAMS)
-    return max_pieces + beam * max_pieces * (max_pieces - 1) // 2
+    return max_pieces + beam * max_pieces * (max_pieces - 1) // 2 + (top_k if rerank else 0)
 
 
 def fill_rows(
-    inputs: Sequence[FillInput], *, top_k: int, targets: Sequence[Target] | None, whole_word: bool, max_pieces: int
+    inputs: Sequence[FillInput],
+    *,
+    top_k: int,
+    targets: Sequence[Target] | None,
+    whole_word: bool,
+    max_pieces: int,
+    reranks: Callable[[FillInput], bool] = lambda inp: False,
 ) -> int:
-    """Every sequence a fill-mask job forwards, all rounds together (its worst case: searches stop no earlier)."""
-    if targets is not None:
-        per_mask = sum(max(len(t.spaced), len(t.bare)) for t in targets)  # one row per target sub-token
-    elif whole_word:
-        per_mask = whole_word_rows(top_k, max_pieces)
-    else:
-        per_mask = 1
+    """Every sequence a fill-mask job forwards, all rounds together (its worst case: searches stop no earlier).
+    ``reranks``: whether the model reranks an input's whole-word fills (``FillMaskCodec.reranks``)."""
+    if whole_word and targets is None:
+        return sum(whole_word_rows(top_k, max_pieces, rerank=reranks(inp)) * len(inp.slots) for inp in inputs)
+    # one row per target sub-token, or one per mask
+    per_mask = sum(max(len(t.spaced), len(t.bare)) for t in targets) if targets is not None else 1
     return per_mask * sum(len(inp.slots) for inp in inputs)
 
 

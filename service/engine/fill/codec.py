@@ -81,6 +81,12 @@ def word_pieces(tokenizer: Any, vocab_size: int) -> WordPieces:
     return WordPieces(real, spaced, bare, cont, capital)
 
 
+def sentence_start(tokenizer: Any) -> int | None:
+    """The token a causal LM's documents start from: BOS, or the end-of-text token where BOS is unset."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return int(start) if start is not None else None
+
+
 @dataclass(frozen=True)
 class MntpConvention:
     """How MNTP training wrote every text, which serving must repeat (the adapter's ``maskserve.json``)."""
@@ -121,6 +127,10 @@ class FillMaskCodec:
         self.uncased = bool(getattr(self.tokenizer, "do_lower_case", False))  # BERT uncased: "jupiter" is a name
         # A word that starts a sentence is capitalised, where the vocabulary can write one
         self.capitalise_starts = not self.uncased and bool((self.vocab.capital & self.vocab.start_bare).any())
+        # The rerank's causal rows start from the token a document starts with (docs/fill-mask.md, "Rerank")
+        self.sentence_start = sentence_start(self.tokenizer)
+        has_base = model.generation_model is not None and self.sentence_start is not None
+        self.rerank = settings.fill_rerank and self.mntp and has_base
         self.placeholders = tuple(dict.fromkeys([UNIVERSAL_MASK, self.mask_token]))
         # Spaces before a placeholder belong to the masked word: BPE writes " dog" as one sub-token "Ġdog",
         # and MNTP training masks that sub-token whole (RoBERTa's <mask> lstrip does the same).
@@ -136,6 +146,19 @@ class FillMaskCodec:
 
     def read(self, index: int) -> int:
         return read_position(index, mntp=self.mntp)
+
+    def reranks(self, inp: FillInput) -> bool:
+        """Whether the base decoder reranks this input's whole-word fills: with one mask (the filled
+        sentence is then whole text) and no attention spans (the base decoder would read what the client
+        kept from the fill's view)."""
+        return self.rerank and len(inp.slots) == 1 and inp.attention is None
+
+    def sentence_row(self, inp: FillInput, slot: MaskSlot, pieces: Sequence[int]) -> tuple[int, ...]:
+        """The filled sentence as the base decoder reads it: the document start, then the client's text
+        (not the MNTP prefix, which is the adapter's convention) with ``pieces`` in the mask's place."""
+        assert self.sentence_start is not None
+        filled = expand_mask(inp.ids, slot.index, pieces, 0, self.mask_id)[len(self.prefix_ids) :]
+        return (self.sentence_start, *filled)
 
     def placeholder_hint(self) -> str:
         own = f" (or the model's own {self.mask_token})" if self.mask_token != UNIVERSAL_MASK else ""

@@ -1,6 +1,7 @@
 """One fill-mask forward: right-padded rows under a bidirectional 4D mask, log-probabilities at the read
 positions. Decoders fill masks through an MNTP adapter: bidirectional attention, a reserved mask token, and the
-prediction for position i read at i-1 (LLM2Vec, BehnamGhader et al. 2024)."""
+prediction for position i read at i-1 (LLM2Vec, BehnamGhader et al. 2024). The whole-word rerank's causal rows
+go through the base decoder instead, under a causal mask (``search.rerank``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from service.engine.steering import AttentionProbe
 from service.masks.fill import fill_attention, read_position
 
 ForwardFn = Callable[[Sequence[Row]], list[Tensor]]
+HEAD_SLICE = 256  # causal rows: positions sent through the LM head at a time, so (positions, V) stays ~50 MB
 
 
 def forward_rows(
@@ -28,8 +30,10 @@ def forward_rows(
 
     Decoders run the head on the read positions only (``head_only``): the LM head is a large share of a small
     model's FLOPs (SmolLM2: 57 of ~270 MFLOP a token) and only a few positions are read. ``probe`` records
-    the attention weights of row 0 (inspection).
+    the attention weights of row 0 (inspection). Rows are all causal or none (:func:`forward_needs`).
     """
+    if rows[0].causal:
+        return sentence_logprobs(model, rows)
     net = model.fill_mask_model
     assert net is not None
     lengths = [len(r.ids) for r in rows]
@@ -67,6 +71,34 @@ def forward_rows(
     return list(logp.split([len(r.reads) for r in rows]))
 
 
+def sentence_logprobs(model: LoadedModel, rows: Sequence[Row]) -> list[Tensor]:
+    """Causal rows through the base decoder: per row, the float32 log-probability of its next token at each
+    read, ``log P(ids[r + 1] | ids[: r + 1])``, gathered here so no ``(positions, V)`` tensor outlives a slice
+    of the head.  (len(reads), 1) per row"""
+    net = model.generation_model
+    assert net is not None
+    lengths = [len(r.ids) for r in rows]
+    width = max(lengths)
+    ids = torch.tensor([[*r.ids, *[0] * (width - len(r.ids))] for r in rows], device=model.device)  # (B, S)
+    masks = fill_attention(lengths, model.dtype, model.device, causal=True)
+    b_idx = torch.tensor([b for b, r in enumerate(rows) for _ in r.reads], device=model.device)  # (R,)
+    t_idx = torch.tensor([t for r in rows for t in r.reads], device=model.device)  # (R,)
+    with torch.inference_mode():
+        body = net.base_model(
+            input_ids=ids, attention_mask=masks.attention, position_ids=masks.position_ids, use_cache=False
+        )
+        hidden = body.last_hidden_state[b_idx, t_idx]  # (R, H)
+        nexts = ids[b_idx, t_idx + 1]  # (R,)
+        head = net.get_output_embeddings()
+        logp = torch.cat(
+            [
+                torch.log_softmax(head(h).float(), dim=-1).gather(1, n[:, None])  # (slice, 1)
+                for h, n in zip(hidden.split(HEAD_SLICE), nexts.split(HEAD_SLICE), strict=True)
+            ]
+        ).cpu()  # (R, 1)
+    return list(logp.split([len(r.reads) for r in rows]))
+
+
 def engine_forward(model: LoadedModel) -> ForwardFn:
     """The forward the server runs: the LM head on the read positions only where that equals the full model."""
     head_only = head_only_matches(model)
@@ -80,13 +112,14 @@ def forward_needs(needs: Sequence[Need], forward: ForwardFn, vocab: WordPieces, 
     wanted: dict[Row, dict[Pick, None]] = {}  # row -> its distinct picks (rows and picks deduplicated)
     for need in needs:
         wanted.setdefault(need.row, {})[need.pick] = None
-    rows = sorted(wanted, key=lambda r: len(r.ids))
     picked: dict[Need, Picked] = {}
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        for row, logp in zip(chunk, forward(chunk), strict=True):
-            for what in wanted[row]:
-                picked[Need(row, what)] = pick(logp, what, vocab)
+    for causal in (False, True):  # a forward runs one model: the MNTP rows, then the rerank's causal rows
+        rows = sorted((r for r in wanted if r.causal is causal), key=lambda r: len(r.ids))
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            for row, logp in zip(chunk, forward(chunk), strict=True):
+                for what in wanted[row]:
+                    picked[Need(row, what)] = pick(logp, what, vocab)
     return [picked[need] for need in needs]
 
 

@@ -9,7 +9,9 @@ their log-probabilities (one ``(len(reads), V)`` tensor per row), then returns i
   right with one word-start sub-token then continuations; the candidates of all lengths compete on the
   geometric mean of their sub-token probabilities, ``exp(mean_j log P(w_j | ...))`` (length-normalised, as
   X-FACTR ranks multi-token fills, Jiang et al. 2020), so a 3-piece word is not beaten by every 1-piece word
-  merely for having more factors below 1.
+  merely for having more factors below 1. With the rerank on (:meth:`FillMaskCodec.reranks`), the best
+  ``top_k`` words are ordered again by :func:`rerank`: the base decoder's probability of the whole sentence
+  with the word in it, times the geometric mean to the power ``RERANK_WEIGHT``.
 
 :func:`job_search` steps every mask's search of a job together.
 
@@ -34,6 +36,10 @@ from service.masks.constraints import RequestAttention
 from service.masks.fill import expand_mask, restrict_vocab
 
 MIN_BEAMS = 5  # whole-word beam width is max(top_k, MIN_BEAMS)
+# The rerank's weight on the MNTP geometric mean's log against the sentence's log-probability. Chosen on
+# service/data/cloze_everyday.tsv, not on the cloze set the README reports (docs/fill-mask.md, "Rerank").
+RERANK_WEIGHT = 2.0
+OWN_TOKENS = "own"  # a Pick family: a causal row's own next tokens (the forward gathers them itself)
 
 
 @dataclass(frozen=True)
@@ -45,12 +51,14 @@ class Row:
     ids: tuple[int, ...]
     reads: tuple[int, ...]
     attention: RequestAttention | None = None
+    causal: bool = False  # read by the base decoder under a causal mask (the rerank), not the MNTP model
 
 
 @dataclass(frozen=True)
 class Pick:
     """What a search keeps of a row's log-probabilities at each read: the ``k`` best tokens of the
-    vocabulary family ``family`` (a :class:`WordPieces` field), or, when ``ids`` is given, those tokens."""
+    vocabulary family ``family`` (a :class:`WordPieces` field), or, when ``ids`` is given, those tokens;
+    family ``OWN_TOKENS``: a causal row's next token at each read (``ids``: those tokens, one per read)."""
 
     family: str = "real"
     k: int = 0
@@ -76,7 +84,11 @@ class Picked:
 
 
 def pick(logp: Tensor, what: Pick, vocab: WordPieces) -> Picked:
-    """Keep what ``what`` names of one row's log-probabilities.  (reads, V) -> (reads, k)"""
+    """Keep what ``what`` names of one row's log-probabilities.  (reads, V) -> (reads, k)
+
+    A causal row's forward already gathered its own next tokens: (reads, 1) -> (reads, 1)."""
+    if what.family == OWN_TOKENS:
+        return Picked(logp, torch.tensor(what.ids, device=logp.device)[:, None])
     if what.ids:
         ids = torch.tensor(what.ids, device=logp.device).expand(logp.shape[0], -1)  # (reads, k)
         return Picked(logp.gather(1, ids), ids)
@@ -159,7 +171,31 @@ def whole_words(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, k: int, ma
             cand = Candidate(fill, math.exp(logp_sum / n))  # geometric mean: length-fair across n
             if cand.score > best.get(word, Candidate((), -1.0)).score:
                 best[word] = cand
-    return sorted(best.values(), key=lambda c: -c.score)[:k]
+    found = sorted(best.values(), key=lambda c: -c.score)[:k]
+    if not found or not codec.reranks(inp):
+        return found
+    return (yield from rerank(codec, inp, slot, found))
+
+
+def rerank(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, found: Sequence[Candidate]) -> Search:
+    """Rank the best ``top_k`` words of a whole-word search again, by
+
+        log P_base(the sentence with the word) + RERANK_WEIGHT * log geometric-mean P_MNTP(word)
+
+    The base decoder reads the filled sentence left to right, so a word that the words after it make likely
+    ("Jupiter is the largest planet") gains over a word that fits any sentence start ("It", "The"), which
+    MNTP's read of the mask alone favours. Only the order changes, not the set: reranking every word the
+    beams completed lost sentence-initial top-5 answers (docs/fill-mask.md, "Rerank"). A candidate's score
+    is its share of the joint score over the ``top_k`` (a softmax): the answers stay ranked by their scores."""
+    rows = [codec.sentence_row(inp, slot, c.pieces) for c in found]
+    needs = [Need(Row(ids, tuple(range(len(ids) - 1)), causal=True), Pick(OWN_TOKENS, ids=ids[1:])) for ids in rows]
+    outs = yield needs
+    mntp = [math.log(max(c.score, 1e-300)) for c in found]  # log geometric mean (0 underflows: ~-690)
+    joint = torch.tensor(
+        [float(o.logp.sum()) + RERANK_WEIGHT * m for o, m in zip(outs, mntp, strict=True)], dtype=torch.float64
+    )  # (pool,)
+    share = torch.softmax(joint, 0)  # (pool,)
+    return [Candidate(found[i].pieces, float(share[i])) for i in joint.argsort(descending=True).tolist()]
 
 
 def job_search(job: FillMaskJob, codec: FillMaskCodec) -> Generator[list[Need], list[Picked], FillMaskResult]:

@@ -73,6 +73,9 @@ class FillMaskWorker:
         self._active: list[_Pending] = []  # admitted: their searches advance one step per round
         self._held: list[_Pending] = []  # taken from the queue, waiting for the row budget (see _fits)
         self._task: asyncio.Task[None] | None = None
+        # The last round ran one request and none arrived meanwhile: a lone client, whom the batch window
+        # would only delay (an idle server's first request of a burst then runs alone; the rest batch next).
+        self._alone = False
         self._owns_compute = compute is None
         self._runner = compute or ComputeThread()
 
@@ -141,7 +144,8 @@ class FillMaskWorker:
         while True:
             if not self._active and not self._held:
                 self._held.append(await self._queue.get())
-                deadline = loop.time() + wait_s  # a fresh batch: let concurrent requests join it
+                # a fresh batch: let concurrent requests join it, unless the requests come one at a time
+                deadline = loop.time() + (0.0 if self._alone else wait_s)
             else:
                 deadline = loop.time()  # searches mid-way go on at once, with whatever has queued meanwhile
             self._held = self._retire(self._held, lambda p: p.abandoned)
@@ -180,6 +184,7 @@ class FillMaskWorker:
                         p.future.set_exception(p.error)
                     else:
                         p.future.set_result(p.result)  # type: ignore[arg-type]
+            self._alone = len(self._active) == 1 and self._queue.empty() and not self._held
             self._active = self._retire(self._active, lambda p: p.finished)
             # After the round, not only before it: once the last search finishes the gauge must read 0 at rest.
             metrics.RUNNING.labels(WORKER).set(len(self._active))
