@@ -125,6 +125,17 @@ def test_the_evaluator_answers_what_the_server_answers(
         assert_same(cands, server_answer(served, text, mode), 1e-6)
 
 
+def test_the_evaluator_reranks_as_the_server_does(mntp_settings: Settings, tiny_mntp: LoadedModel) -> None:
+    settings = mntp_settings.model_copy(update={"fill_rerank": True})
+    items = [ClozeItem(s, ("x",)) for s in SENTENCES]
+    ours = list(predict(FillDriver(tiny_mntp, settings), items, EvalMode.WHOLE_WORD))
+    plain = list(predict(FillDriver(tiny_mntp, mntp_settings), items, EvalMode.WHOLE_WORD))
+    assert ours != plain  # the rerank changed the scores (shares of the top 5, not geometric means)
+    with TestClient(create_app(settings, loaded=tiny_mntp)) as client:
+        for text, cands in zip(SENTENCES, ours, strict=True):
+            assert_same(cands, server_answer(client, text, EvalMode.WHOLE_WORD), 1e-6)
+
+
 def test_a_model_in_training_is_scored_as_it_will_be_served(
     tiny_llama_dir: Path, tiny_mntp_adapter_dir: Path, tiny_mntp: LoadedModel, mntp_settings: Settings
 ) -> None:
