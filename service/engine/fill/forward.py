@@ -36,16 +36,11 @@ def forward_rows(
         return sentence_logprobs(model, rows)
     net = model.fill_mask_model
     assert net is not None
-    lengths = [len(r.ids) for r in rows]
-    width = max(lengths)
-    pad = int(model.tokenizer.pad_token_id or 0)
-    ids = torch.tensor([[*r.ids, *[pad] * (width - len(r.ids))] for r in rows], device=model.device)  # (B, S)
-    masks = fill_attention(lengths, model.fill_mask_dtype, model.device, [r.attention for r in rows])
+    ids, b_idx, t_idx = padded_rows(model, rows)
+    masks = fill_attention([len(r.ids) for r in rows], model.fill_mask_dtype, model.device, [r.attention for r in rows])
     steer: dict[str, Any] = {"scoped_bias": masks.scoped_bias} if masks.scoped_bias is not None else {}
     if probe is not None:
         steer["attention_probe"] = probe
-    b_idx = torch.tensor([b for b, r in enumerate(rows) for _ in r.reads], device=model.device)  # (R,)
-    t_idx = torch.tensor([t for r in rows for t in r.reads], device=model.device)  # (R,)
     with torch.inference_mode():
         if model.kind is ModelKind.DECODER:
             if head_only:
@@ -71,18 +66,25 @@ def forward_rows(
     return list(logp.split([len(r.reads) for r in rows]))
 
 
+def padded_rows(model: LoadedModel, rows: Sequence[Row]) -> tuple[Tensor, Tensor, Tensor]:
+    """The rows' ids right-padded to the longest, and every read as (row, position) indices.
+    (B, S), (R,), (R,)"""
+    width = max(len(r.ids) for r in rows)
+    pad = int(model.tokenizer.pad_token_id or 0)
+    ids = torch.tensor([[*r.ids, *[pad] * (width - len(r.ids))] for r in rows], device=model.device)  # (B, S)
+    b_idx = torch.tensor([b for b, r in enumerate(rows) for _ in r.reads], device=model.device)  # (R,)
+    t_idx = torch.tensor([t for r in rows for t in r.reads], device=model.device)  # (R,)
+    return ids, b_idx, t_idx
+
+
 def sentence_logprobs(model: LoadedModel, rows: Sequence[Row]) -> list[Tensor]:
     """Causal rows through the base decoder: per row, the float32 log-probability of its next token at each
     read, ``log P(ids[r + 1] | ids[: r + 1])``, gathered here so no ``(positions, V)`` tensor outlives a slice
     of the head.  (len(reads), 1) per row"""
     net = model.generation_model
     assert net is not None
-    lengths = [len(r.ids) for r in rows]
-    width = max(lengths)
-    ids = torch.tensor([[*r.ids, *[0] * (width - len(r.ids))] for r in rows], device=model.device)  # (B, S)
-    masks = fill_attention(lengths, model.dtype, model.device, causal=True)
-    b_idx = torch.tensor([b for b, r in enumerate(rows) for _ in r.reads], device=model.device)  # (R,)
-    t_idx = torch.tensor([t for r in rows for t in r.reads], device=model.device)  # (R,)
+    ids, b_idx, t_idx = padded_rows(model, rows)
+    masks = fill_attention([len(r.ids) for r in rows], model.dtype, model.device, causal=True)
     with torch.inference_mode():
         body = net.base_model(
             input_ids=ids, attention_mask=masks.attention, position_ids=masks.position_ids, use_cache=False

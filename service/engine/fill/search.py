@@ -187,8 +187,8 @@ def rerank(codec: FillMaskCodec, inp: FillInput, slot: MaskSlot, found: Sequence
     MNTP's read of the mask alone favours. Only the order changes, not the set: reranking every word the
     beams completed lost sentence-initial top-5 answers (docs/fill-mask.md, "Rerank"). A candidate's score
     is its share of the joint score over the ``top_k`` (a softmax): the answers stay ranked by their scores."""
-    rows = [codec.sentence_row(inp, slot, c.pieces) for c in found]
-    needs = [Need(Row(ids, tuple(range(len(ids) - 1)), causal=True), Pick(OWN_TOKENS, ids=ids[1:])) for ids in rows]
+    sentences = [codec.sentence_row(inp, slot, c.pieces) for c in found]
+    needs = [Need(Row(s, tuple(range(len(s) - 1)), causal=True), Pick(OWN_TOKENS, ids=s[1:])) for s in sentences]
     outs = yield needs
     mntp = [math.log(max(c.score, 1e-300)) for c in found]  # log geometric mean (0 underflows: ~-690)
     joint = torch.tensor(
