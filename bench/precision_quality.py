@@ -8,7 +8,9 @@ Prints one table:
 
 - next-token distributions: KL(float32 ‖ fast), mean and max, at every position of float32's greedy
   continuation of 32 fixed chat prompts (bench/generate.py's), teacher-forced (both models read the same
-  tokens), and how often the two greedy tokens agree there;
+  tokens), and how often the two greedy tokens agree there; for int8 also with every product on int8 GEMM
+  (activations quantized a row at a time: what decode batches of 16 rows or more run where
+  ``MASKSERVE_INT8_DECODE_GEMM`` chose it; its rows compute as a decode step's would);
 - greedy generation through the engine (service/engine/generate.py), 32 tokens each: prompts whose whole
   continuation is identical, and tokens equal before the first divergence;
 - fill-mask top-1/top-5 on service/data/cloze.tsv with the shipped MNTP adapter, through the evaluator
@@ -28,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import jsonschema
 import torch
@@ -39,6 +42,7 @@ from service.config import load_settings  # noqa: E402
 from service.engine.fill.driver import FillDriver  # noqa: E402
 from service.engine.generate import DecodeBatch, GenerationJob, RunningRequest, SamplingParams, compile_job  # noqa: E402
 from service.engine.loading import LoadedModel, load_model  # noqa: E402
+from service.engine.precision import Int8Linear, Kernel  # noqa: E402
 from service.engine.vocab import ModelVocab  # noqa: E402
 from service.masks.output import OutputMaskSpec  # noqa: E402
 from service.training.eval import EvalMode, evaluate, read_cloze  # noqa: E402
@@ -187,6 +191,7 @@ def main() -> None:
     fast = load_model(load_settings(adapter="none", precision=args.precision))
     prompts = [chat_ids(ref, q) for q in QUESTIONS[:n_prompts]]
     # Each line is printed as soon as it is measured (a long run on a shared machine keeps what it has).
+    print(f"decode batches of 16 rows or more run: {fast.describe()['decode_batch_kernel']}")
     print()
     print(f"| measure | float32 | {args.precision} | goal |")
     print("|---|--:|--:|---|", flush=True)
@@ -195,6 +200,13 @@ def main() -> None:
           f"{kl['kl_max']:.3f} | small |")  # fmt: skip
     print(f"| same greedy next token (teacher-forced, {len(prompts)}×{args.tokens} positions) | 100% | "
           f"{kl['top1_agree']:.1%} | |", flush=True)  # fmt: skip
+    if args.precision == "int8":
+        with mock.patch.object(Int8Linear, "kernel", return_value=Kernel.INT8_GEMM):
+            kl = next_token_kl(ref, fast, prompts, args.tokens)
+        print(f"| the same, every product on int8 GEMM: KL mean / max (nats) | 0 | {kl['kl_mean']:.4f} / "
+              f"{kl['kl_max']:.3f} | small |")  # fmt: skip
+        print(f"| the same, every product on int8 GEMM: same greedy next token | 100% | {kl['top1_agree']:.1%} | |",
+              flush=True)  # fmt: skip
     greedy = greedy_agreement(ref, fast, prompts, args.tokens)
     print(f"| greedy continuations identical ({len(prompts)} prompts, {args.tokens} tokens) | 100% | "
           f"{greedy['identical']:.1%} | |")  # fmt: skip

@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         description="Where the de-quantized bundled model is cached as safetensors.",
     )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's).")
+    int8_decode_gemm: bool = Field(
+        True,
+        description="int8: decode batches of 16 rows or more quantize their activations too (one int8 scale a row) "
+        "and multiply by int8 GEMM, where this CPU runs that faster than the de-quantized copy (timed at load); "
+        "false = the copy.",
+    )
     fused_decode: bool = Field(
         True,
         description="Decode steps of Llama-architecture models run the engine's fused step "

@@ -41,7 +41,7 @@ from transformers import (  # noqa: E402
 
 from service.config import BUNDLED_MODEL, NO_ADAPTER, SHIPPED_ADAPTER, ConfigError, Device, Precision, Settings
 from service.engine.fused_decoder import FusedDecoder, fused_decoder
-from service.engine.precision import activation_dtype, apply_precision, resolve_precision
+from service.engine.precision import activation_dtype, apply_precision, decode_batch_kernel, resolve_precision
 from service.engine.steering import enable_steering
 
 log = logging.getLogger("maskserve.loading")
@@ -123,6 +123,7 @@ class LoadedModel:
             "precision": self.precision.value,
             "fill_mask_precision": (self.fill_mask_precision or self.precision).value,
             "decode": "fused" if self.decoder is not None else "transformers",
+            "decode_batch_kernel": decode_batch_kernel(self.generation_model) if self.generation_model else None,
             "mask_token": self.mask_token,
             "max_length": self.max_length,
         }
@@ -279,9 +280,9 @@ def load_model(settings: Settings) -> LoadedModel:
         mask_token = None
     # After the merge, so a LoRA delta is quantized together with its base weights; each served model once.
     if gen is not None:
-        apply_precision(gen, gen_precision)
+        apply_precision(gen, gen_precision, int8_decode_gemm=settings.int8_decode_gemm)
     if fill is not None and fill is not gen:
-        apply_precision(fill, fill_precision)
+        apply_precision(fill, fill_precision, int8_decode_gemm=settings.int8_decode_gemm)
     precision = gen_precision if gen is not None else fill_precision
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token is not None else None
     assert mask_id is None or isinstance(mask_id, int)

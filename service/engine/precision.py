@@ -17,14 +17,24 @@ Int8Linear of its own (the head's extra memory is its int8 copy, 28 MB for SmolL
 **Kernels by the number of rows.** ``_weight_int8pack_mm`` wins while a matmul is bound by reading its
 weights (few rows); its time grows with every row, and from ~16 rows dense GEMM is faster (prefill,
 fill-mask, large decode batches; bench/int8_crossover.py measures it, docs/generation.md has the table).
-So each Int8Linear also keeps its weights *de-quantized* (bfloat16 or float32) and dispatches by its input: a decode
-step of fewer than ``dense_from_rows`` rows runs the int8 kernel, everything else dense GEMM
-(:meth:`Int8Linear.uses_dense` says why multi-token forwards never run int8). The dense copy is
-the de-quantized int8 weights (``q * scale``), not the original ones, so both kernels compute the same model
-up to rounding of the products; the price is the copy's memory (2 bytes a weight beside the int8 byte: 3
-bytes a weight in all, against 4 for float32). The copy is bfloat16 unless this CPU runs float32 GEMM faster
-(:func:`fastest_dense_dtype`, timed once at load): then it is float32 (5 bytes a weight in all), and the
-activations of those forwards are cast to float32 and back.
+So each Int8Linear also keeps its weights *de-quantized* (bfloat16 or float32) and dispatches by its input:
+a decode step of fewer than ``dense_from_rows`` rows runs the int8 kernel, everything else dense GEMM (or
+int8 GEMM, below, for large decode batches; :meth:`Int8Linear.kernel` says why multi-token forwards never
+run int8). The dense copy is the de-quantized int8 weights (``q * scale``), not the original ones, so both
+kernels compute the same model up to rounding of the products; the price is the copy's memory (2 bytes a
+weight beside the int8 byte: 3 bytes a weight in all, against 4 for float32). The copy is bfloat16 unless
+this CPU runs float32 GEMM faster (:func:`fastest_dense_dtype`, timed once at load): then it is float32 (5
+bytes a weight in all), and the activations of those forwards are cast to float32 and back.
+
+**Int8 GEMM for decode batches** (``MASKSERVE_INT8_DECODE_GEMM``, on by default). A decode batch of
+``dense_from_rows`` rows or more may instead quantize its activations too, one symmetric int8 scale *per row*
+(absmax / 127), and multiply int8 by int8 into int32 (``torch._int_mm``, VNNI on x86), scaling the sums by the
+row's and the output channel's scales. Where this CPU runs that faster than the dense copy
+(:func:`int8_gemm_is_faster`, timed once at load) every decode batch from ``dense_from_rows`` rows takes it.
+Integer sums are exact and each row has its own scale, so a row's output does not depend on the rows beside
+it, bit for bit (a per-tensor scale, as torch's dynamic quantization uses, would let one request's activations
+round another's). It rounds each activation to 1/254 of its row's largest: docs/generation.md ("Precision")
+has its quality guard. Multi-token forwards (prefill, fill-mask) never take it.
 
 Masks and logits need nothing here: the engine builds 4D masks in the model's parameter dtype
 (``next(model.parameters()).dtype`` — the bfloat16 embeddings come first) and casts logits to float32
@@ -38,6 +48,7 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
+from enum import StrEnum
 from typing import Any
 
 import torch
@@ -94,12 +105,31 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     return q.contiguous(), scale
 
 
+class Kernel(StrEnum):
+    """Which product an :class:`Int8Linear` runs for an input (:meth:`Int8Linear.kernel`)."""
+
+    WEIGHT_ONLY = "weight_only"  # torch._weight_int8pack_mm: int8 weights, bfloat16 activations
+    INT8_GEMM = "int8_gemm"  # torch._int_mm: int8 weights, int8 activations with a scale a row
+    DENSE = "dense"  # GEMM on the de-quantized copy (bfloat16 or float32)
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 with one scale a row: (N, K) float -> (N, K) int8, (N, 1) float32 scales.
+
+    Each row is scaled by its own absmax, so a row's integers never depend on the other rows of the batch.
+    """
+    x = x.float()  # (N, K)
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # (N, 1)
+    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` with W stored as int8 rows and per-output-channel bfloat16 scales.
 
     Input any float dtype ``(..., K)``; output bfloat16 ``(..., O)``. A decode step of fewer than
-    ``dense_from_rows`` rows runs ``torch._weight_int8pack_mm``; other inputs run GEMM on the de-quantized
-    copy, bfloat16 or float32 (:meth:`uses_dense`; ``None``: always int8, and no copy is kept).
+    ``dense_from_rows`` rows runs ``torch._weight_int8pack_mm``; larger decode batches run int8 GEMM where
+    ``int8_gemm`` is set, else GEMM on the de-quantized copy, as every other input does (:meth:`kernel`;
+    ``dense_from_rows=None``: always the weight-only kernel, and no copy is kept).
     """
 
     def __init__(
@@ -123,6 +153,7 @@ class Int8Linear(nn.Module):
         self.dense: Tensor | None
         dense = self.dequantized(dense_dtype) if dense_from_rows is not None else None
         self.register_buffer("dense", dense)  # (O, K) bfloat16 or float32 (:func:`fastest_dense_dtype`)
+        self.int8_gemm = False  # decode batches of dense_from_rows rows or more: int8 GEMM (set at load)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> Int8Linear:
@@ -142,6 +173,7 @@ class Int8Linear(nn.Module):
         nn.Module.__init__(out)
         out.in_features, out.out_features = first.in_features, sum(p.out_features for p in parts)
         out.dense_from_rows = first.dense_from_rows
+        out.int8_gemm = first.int8_gemm
         for name in ("qweight", "scales", "bias", "dense"):
             pieces = [getattr(p, name) for p in parts]
             whole = None if pieces[0] is None else torch.cat(pieces)  # (sum O, ...)
@@ -168,40 +200,56 @@ class Int8Linear(nn.Module):
         if self.dense is not None and self.dense.dtype != dtype:
             self.dense = self.dequantized(dtype)
 
-    def uses_dense(self, shape: tuple[int, ...] | torch.Size) -> bool:
-        """Which kernel an input of ``shape`` runs: True = dense GEMM (bfloat16 or float32), False = int8.
+    def kernel(self, shape: tuple[int, ...] | torch.Size) -> Kernel:
+        """Which product an input of ``shape`` runs.
 
-        A decode step, ``(B, 1, K)``, dispatches by its rows B. Every other forward — prefill and fill-mask
-        ``(B, T, K)`` with T > 1, the fill-mask head on gathered positions ``(R, K)`` — has many rows by
-        nature and always runs bfloat16, so a request's prefill and fill-mask never change kernel with the
-        number of requests sharing the forward (switching would change every output's rounding: the two
-        kernels round differently). The int8 kernel computes each row alone, bit for bit; bfloat16 GEMM
-        differs between batch sizes only in rare last-bit roundings (tests/integration/test_precision.py).
-        Only decode batches of ``dense_from_rows`` rows or more change kernel.
+        A decode step, ``(B, 1, K)``, dispatches by its rows B: the weight-only int8 kernel below
+        ``dense_from_rows``, from there int8 GEMM (where ``int8_gemm`` is set) or the dense copy. Every other
+        forward — prefill and fill-mask ``(B, T, K)`` with T > 1, the fill-mask head on gathered positions
+        ``(R, K)`` — has many rows by nature and always runs the dense copy, so a request's prefill and
+        fill-mask never change kernel with the number of requests sharing the forward (switching would change
+        every output's rounding: the kernels round differently). Both int8 kernels compute each row alone, bit
+        for bit; bfloat16 GEMM differs between batch sizes only in rare last-bit roundings
+        (tests/integration/test_precision.py). Only decode batches of ``dense_from_rows`` rows or more change
+        kernel.
         """
         if self.dense_from_rows is None:
-            return False
+            return Kernel.WEIGHT_ONLY
         if len(shape) == 3 and shape[1] == 1:
-            return shape[0] >= self.dense_from_rows
-        return True
+            if shape[0] < self.dense_from_rows:
+                return Kernel.WEIGHT_ONLY
+            return Kernel.INT8_GEMM if self.int8_gemm else Kernel.DENSE
+        return Kernel.DENSE
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)  # (N, K), N = batch x tokens
-        if self.uses_dense(x.shape):
+        kernel = self.kernel(x.shape)
+        if kernel is Kernel.DENSE:
             assert self.dense is not None
             dtype = self.dense.dtype  # bfloat16, or float32 where that GEMM is faster (then cast back)
             bias = self.bias if self.bias is None or dtype == ACTIVATION_DTYPE else self.bias.to(dtype)
             y = torch.nn.functional.linear(flat.to(dtype), self.dense, bias).to(ACTIVATION_DTYPE)  # (N, O)
         else:
-            y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)  # (N, O)
+            if kernel is Kernel.INT8_GEMM:
+                y = self.int8_product(flat)  # (N, O)
+            else:
+                y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)  # (N, O)
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)  # (..., O)
 
+    def int8_product(self, flat: Tensor) -> Tensor:
+        """``flat W^T`` by int8 GEMM: the rows quantized with a scale each (:func:`quantize_rows`), the int32
+        sums scaled back by the row's and the output channel's scales.  (N, K) -> (N, O) bfloat16"""
+        q, row_scale = quantize_rows(flat)  # (N, K) int8, (N, 1)
+        sums = torch._int_mm(q, self.qweight.t())  # (N, O) int32, exact: |sum| <= 127 * 127 * K < 2^31
+        return (sums.float() * row_scale * self.scales.float()).to(ACTIVATION_DTYPE)  # (N, O)
+
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, dense_from_rows={self.dense_from_rows}"
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"dense_from_rows={self.dense_from_rows}, int8_gemm={self.int8_gemm}"
         )
 
 
@@ -226,8 +274,11 @@ def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_
     return count
 
 
-def apply_precision(model: nn.Module, precision: Precision) -> nn.Module:
-    """Cast (and for int8, quantize) a loaded model in place; ``precision`` is resolved (not ``auto``)."""
+def apply_precision(model: nn.Module, precision: Precision, *, int8_decode_gemm: bool = True) -> nn.Module:
+    """Cast (and for int8, quantize) a loaded model in place; ``precision`` is resolved (not ``auto``).
+
+    ``int8_decode_gemm``: int8 decode batches of ``DENSE_FROM_ROWS`` rows or more may run int8 GEMM, and do
+    where this CPU runs it faster than the dense copy (:func:`int8_gemm_is_faster`)."""
     if precision is Precision.AUTO:
         raise ValueError("resolve the precision first (resolve_precision)")
     if precision is Precision.INT8:
@@ -239,10 +290,14 @@ def apply_precision(model: nn.Module, precision: Precision) -> nn.Module:
         # After the cast (which would turn a float32 copy into bfloat16): the many-row kernel's dtype.
         device = next(model.parameters()).device
         dense = fastest_dense_dtype() if device.type == "cpu" else ACTIVATION_DTYPE
+        int8_gemm = int8_decode_gemm and device.type == "cpu" and int8_gemm_is_faster(dense)
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.use_dense_dtype(dense)
-        log.info("int8 weight-only: %d linear layers quantized (%s GEMM from %d rows)", count, dense, DENSE_FROM_ROWS)
+                module.int8_gemm = int8_gemm
+        batches = "int8" if int8_gemm else str(dense)
+        log.info("int8: %d linear layers quantized; %s GEMM for forwards of many rows, %s GEMM for decode "
+                 "batches from %d rows", count, dense, batches, DENSE_FROM_ROWS)  # fmt: skip
     return model.eval()
 
 
@@ -267,6 +322,41 @@ def fastest_dense_dtype() -> torch.dtype:
     best = min(medians, key=lambda dtype: medians[dtype])
     log.info("GEMM of 64 rows: %s", ", ".join(f"{d} {t * 1e5:.1f} us" for d, t in medians.items()))
     return best
+
+
+@functools.cache
+def int8_gemm_is_faster(dense: torch.dtype) -> bool:
+    """Whether int8 GEMM (:meth:`Int8Linear.int8_product`, quantizing the rows included) beats GEMM on the
+    ``dense`` copy for a decode batch: (32 x 576) @ (576 x 1536), the shape of SmolLM2's gate and up
+    projections, the median of 5 alternated rounds of 10 products each, ~30 ms. Timed once per process."""
+    generator = torch.Generator().manual_seed(0)
+    lin = Int8Linear(torch.randn(1536, 576, generator=generator) * 0.02, None, dense_from_rows=1, dense_dtype=dense)
+    x = torch.randn(32, 1, 576, generator=generator).to(ACTIVATION_DTYPE)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with torch.inference_mode():
+        for _ in range(6):  # the first round warms both up and is dropped
+            for gemm, rounds in times.items():
+                lin.int8_gemm = gemm
+                started = time.perf_counter()
+                for _ in range(10):
+                    lin(x)
+                rounds.append(time.perf_counter() - started)
+    medians = {gemm: statistics.median(t[1:]) for gemm, t in times.items()}
+    log.info("decode batch of 32 rows: int8 GEMM %.1f us, %s GEMM %.1f us", medians[True] * 1e5,
+             dense, medians[False] * 1e5)  # fmt: skip
+    return medians[True] < medians[False]
+
+
+def decode_batch_kernel(model: nn.Module) -> str:
+    """What a decode batch of ``DENSE_FROM_ROWS`` rows or more multiplies by: "int8_gemm", or the dense dtype
+    ("bfloat16", "float32": the model's own for float precisions), for ``maskserve info``."""
+    linear = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
+    if linear is None:
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    kernel = linear.kernel((DENSE_FROM_ROWS, 1, linear.in_features))
+    if kernel is Kernel.DENSE and linear.dense is not None:
+        return str(linear.dense.dtype).removeprefix("torch.")
+    return kernel.value
 
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:

@@ -27,7 +27,7 @@ from service.engine.fill.forward import forward_rows
 from service.engine.fill.search import Row
 from service.engine.generate import DecodeBatch
 from service.engine.loading import LoadedModel, load_model
-from service.engine.precision import DENSE_FROM_ROWS, Int8Linear, quantize_int8, resolve_precision
+from service.engine.precision import DENSE_FROM_ROWS, Int8Linear, Kernel, quantize_int8, resolve_precision
 from service.engine.vocab import ModelVocab
 from tests.integration import test_attention_api, test_attention_fill_mask, test_fill_mask_engine, test_generate_engine
 
@@ -121,10 +121,50 @@ def test_dispatch_picks_the_kernel_by_rows(monkeypatch: pytest.MonkeyPatch) -> N
     assert calls == [5]
 
 
-@pytest.mark.parametrize("kernel", ["int8", "dense"])
+def test_int8_gemm_matches_the_float_reference_and_dispatches_decode_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Int8 GEMM quantizes each activation row to 1/254 of its absmax: with the weights' own rounding, 2.5% of
+    the largest output bounds the error. It runs for decode batches from ``dense_from_rows`` rows only, and only
+    where ``int8_gemm`` is set; multi-token inputs keep the dense copy."""
+    w, b = _weights()
+    lin = Int8Linear(w, b, dense_from_rows=4)
+    lin.int8_gemm = True
+    calls: list[int] = []
+    real = torch._int_mm
+
+    def counting(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append(a.shape[0])
+        return real(a, w)
+
+    monkeypatch.setattr(torch, "_int_mm", counting)
+    torch.manual_seed(3)
+    x = torch.randn(6, 1, 64)
+    got = lin(x)
+    assert calls == [6]
+    assert got.dtype == torch.bfloat16
+    ref = x.reshape(6, 64) @ w.T + b
+    assert (got.reshape(6, 96).float() - ref).abs().max() <= 0.025 * ref.abs().max()
+    for shape, kernel in [((3, 1, 64), Kernel.WEIGHT_ONLY), ((4, 1, 64), Kernel.INT8_GEMM), ((1, 5, 64), Kernel.DENSE),
+                          ((8, 64), Kernel.DENSE)]:  # fmt: skip
+        assert lin.kernel(shape) is kernel, shape
+        calls.clear()
+        lin(torch.randn(*shape))
+        assert bool(calls) == (kernel is Kernel.INT8_GEMM), shape
+    lin.int8_gemm = False
+    assert lin.kernel((4, 1, 64)) is Kernel.DENSE
+
+
+def test_quantize_rows_gives_each_row_its_own_scale() -> None:
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [100.0, 50.0, -25.0]])
+    q, scale = precision_mod.quantize_rows(x)
+    assert torch.equal(q, torch.tensor([[64, -127, 32], [0, 0, 0], [127, 64, -32]], dtype=torch.int8))
+    assert torch.allclose(scale[:, 0], torch.tensor([2.0 / 127, 1e-12 / 127, 100.0 / 127]))
+
+
+@pytest.mark.parametrize("kernel", ["int8", "int8_gemm", "dense"])
 def test_each_kernel_computes_rows_nearly_independently_of_the_others(kernel: str) -> None:
-    """Why batching keeps outputs (nearly) exact: the int8 kernel computes each row alone, bit for bit, however
-    many rows share the call; bfloat16 GEMM (oneDNN) picks its blocking by the row count, which changes the
+    """Why batching keeps outputs (nearly) exact: the int8 kernels compute each row alone, bit for bit, however
+    many rows share the call (int8 GEMM: a scale a row, exact integer sums); bfloat16 GEMM (oneDNN) picks its
+    blocking by the row count, which changes the
     summation order: here at most 0.02% of the outputs differ, by one bfloat16 rounding step (float32 GEMM
     behaves alike, at float32's resolution)."""
     torch.manual_seed(2)
@@ -134,13 +174,15 @@ def test_each_kernel_computes_rows_nearly_independently_of_the_others(kernel: st
     def run(rows: torch.Tensor) -> torch.Tensor:
         if kernel == "int8":
             return torch._weight_int8pack_mm(rows.contiguous(), lin.qweight, lin.scales)
+        if kernel == "int8_gemm":
+            return lin.int8_product(rows)
         assert lin.dense is not None
         return torch.nn.functional.linear(rows, lin.dense)
 
     full = run(x)
     for m in (1, 2, 3, 8, 17, 32, 64, 128):
         part = run(x[:m])
-        if kernel == "int8":
+        if kernel != "dense":
             assert torch.equal(part, full[:m]), m
         else:
             differ = part != full[:m]
@@ -292,9 +334,54 @@ def test_int8_decode_runs_the_int8_kernel(int8_llama: LoadedModel) -> None:
     assert net is not None
     head = net.get_output_embeddings()
     assert isinstance(head, Int8Linear)
-    assert not head.uses_dense((1, 1, head.in_features))
-    assert not head.uses_dense((DENSE_FROM_ROWS - 1, 1, head.in_features))
-    assert head.uses_dense((DENSE_FROM_ROWS, 1, head.in_features))
+    assert head.kernel((1, 1, head.in_features)) is Kernel.WEIGHT_ONLY
+    assert head.kernel((DENSE_FROM_ROWS - 1, 1, head.in_features)) is Kernel.WEIGHT_ONLY
+    large = Kernel.INT8_GEMM if precision_mod.int8_gemm_is_faster(precision_mod.fastest_dense_dtype()) else Kernel.DENSE
+    assert head.kernel((DENSE_FROM_ROWS, 1, head.in_features)) is large
+    assert int8_llama.describe()["decode_batch_kernel"] in ("int8_gemm", "float32", "bfloat16")
+
+
+@pytest.fixture(scope="module")
+def int8_gemm_batch(llama_settings: Settings) -> tuple[LoadedModel, ModelVocab, DecodeBatch]:
+    """The int8 model with *every* decode step on int8 GEMM (one row alone too): whatever this CPU's timing
+    chose, the invariance tests below run that kernel."""
+    loaded = load_model(_settings(llama_settings, "int8"))
+    assert loaded.generation_model is not None
+    assert loaded.decoder is not None
+    fused = [m for layer in loaded.decoder.layers for m in (layer.qkv, layer.gate_up)]  # the stacked ones
+    for module in [*loaded.generation_model.modules(), *fused]:
+        if isinstance(module, Int8Linear):
+            module.dense_from_rows, module.int8_gemm = 1, True
+    vocab = ModelVocab.build(loaded, grammar_cache_size=8)
+    return loaded, vocab, DecodeBatch.serving(loaded, vocab)
+
+
+@pytest.mark.parametrize("check", ["changing_batch", "masked_rows", "steering"])
+def test_int8_gemm_keeps_outputs_alone_or_in_a_batch(
+    int8_gemm_batch: tuple[LoadedModel, ModelVocab, DecodeBatch], check: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Int8 GEMM computes a row alone, bit for bit (its scale is the row's own): generation alone and in a
+    changing batch, masked rows, and steering = masks are exact on it, as on the weight-only kernel."""
+    loaded, vocab, batch = int8_gemm_batch
+    calls: list[int] = []
+    real = torch._int_mm
+
+    def counting(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append(a.shape[0])
+        return real(a, w)
+
+    monkeypatch.setattr(torch, "_int_mm", counting)
+    if check == "changing_batch":
+        test_generate_engine.test_same_output_alone_or_in_a_changing_batch(loaded, vocab, batch, {})
+    elif check == "masked_rows":
+        test_generate_engine.test_masked_rows_are_the_same_alone_or_batched(loaded, vocab, batch)
+    else:
+        # A steered row's attention runs an additive mask whose padding differs alone and batched: bfloat16
+        # SDPA rounds its last bit differently, and the next layer's int8 rounding of the activations can turn
+        # that into one int8 step. Measured 2.8e-5 on a logprob, tokens the same: 1e-4 bounds it.
+        test_generate_engine.check_emphasis_on_chosen_layers_and_heads(loaded, vocab, batch, tolerance=1e-4)
+    assert 1 in calls  # decode steps of one row and of several ran int8 GEMM
+    assert max(calls) > 1
 
 
 @pytest.mark.parametrize(
