@@ -199,6 +199,54 @@ def fortune_sentences() -> list[str]:
     return out
 
 
+def noun_lemmas() -> set[str]:
+    """Every one-word WordNet noun lemma, lower case ("dog", "cheese", "jupiter")."""
+    lines = Path("/usr/share/wordnet/index.noun").read_text(encoding="latin-1").splitlines()
+    return {line.split(" ", 1)[0] for line in lines if not line.startswith("  ") and line[0].isalpha()}
+
+
+def is_plural_noun(word: str, nouns: set[str]) -> bool:
+    """ "dogs", "boxes", "puppies": a regular plural of a WordNet noun ("bus", "glass", "news" are not)."""
+    if not word.endswith("s") or word.endswith("ss"):
+        return False
+    return (
+        word[:-1] in nouns
+        or (word.endswith("es") and word[:-2] in nouns)
+        or (word.endswith("ies") and word[:-3] + "y" in nouns)
+    )
+
+
+def content_first(sentences: list[str], nouns: set[str], cap: int) -> list[str]:
+    """Sentences whose first word is more often a content word (``--content-first``, stage 4 of the adapter).
+
+    Every other source starts a sentence with "The", "A", "He" or "I" (a third of them "The" or "A"), and a
+    first word masked in training then teaches that prior: the sentence-initial cloze items were answered
+    "It", "He", "They" whatever they said (docs/finetune.md). So:
+    - a definition "A dawn is the first light of day." loses its article: "Dawn is the first light of day.";
+    - "The dogs barked at the stranger." loses "The" before a plural noun: "Dogs barked at the stranger."
+      (a generic plural, as "[MASK] bark loudly when ..." wants "Dogs");
+    - then no first word (case-folded) heads more than ``cap`` sentences; the rest of each such word's
+      sentences are dropped, evenly spread over the list.
+    """
+    out = []
+    for sentence in sentences:
+        words = sentence.split(" ")
+        head = words[1].lower() if len(words) > 2 else ""
+        definition = words[0] in ("A", "An") and words[2:3] == ["is"] and head in nouns
+        plural_subject = words[0] == "The" and is_plural_noun(head, nouns)
+        if len(words) > 3 and head.isalpha() and (definition or plural_subject):
+            sentence = " ".join([head.capitalize(), *words[2:]])
+        out.append(sentence)
+    by_first: dict[str, list[int]] = {}
+    for i, sentence in enumerate(out):
+        by_first.setdefault(sentence.split(" ", 1)[0].lower(), []).append(i)
+    keep = set()
+    for indices in by_first.values():
+        step = max(1, -(-len(indices) // cap))  # ceil: every step-th sentence, at most ``cap`` of them
+        keep.update(indices[::step][:cap])
+    return [sentence for i, sentence in enumerate(out) if i in keep]
+
+
 def cloze_contexts(rows: list[list[str]]) -> list[tuple[str, str]]:
     """(left, right) lower-cased contexts of each cloze item."""
     contexts = []
@@ -224,6 +272,13 @@ def main() -> None:
         "--sources",
         default="wordnet,ding,wordnet_glosses,fortunes",
         help="comma-separated, in this order of precedence (the shipped adapter's stage 1 used wordnet,ding)",
+    )
+    parser.add_argument(
+        "--content-first",
+        type=int,
+        metavar="CAP",
+        help="stage 4's corpus: articles dropped before definitions' nouns and plural subjects, and at most CAP "
+        "sentences for each first word (see content_first)",
     )
     args = parser.parse_args()
     wanted = args.sources.split(",")
@@ -255,6 +310,14 @@ def main() -> None:
             lines.append(sentence)
             kept += 1
         counts[name] = {**SOURCES[name], "sentences": kept, "dropped_cloze_overlap": dropped}
+    if args.content_first:
+        before = len(lines)
+        lines = content_first(lines, noun_lemmas(), args.content_first)
+        # Not a source (keys starting with "_" are not listed as one): how the corpus was built, for the card.
+        counts["_build"] = {
+            "command": f"python scripts/mntp_corpus.py --out {args.out} --content-first {args.content_first}",
+            "content_first": {"cap": args.content_first, "sentences_before": before, "sentences": len(lines)},
+        }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     sources_path = args.out.with_name(args.out.name + ".sources.json")

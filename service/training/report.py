@@ -83,7 +83,10 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
         f"- File: `{config['data']}` (sha256 {m['data_sha256'][:16]}…), {m['n_train']:,} training and "
         f"{m['n_val']:,} validation examples (split and order from seed {config['seed']})",
     ]
-    for name, src in (m.get("sources") or {}).items():
+    sources = m.get("sources") or {}
+    for name, src in sources.items():
+        if name.startswith("_"):  # how the corpus was built (scripts/mntp_corpus.py), not a source
+            continue
         lines.append(
             f"- {name}: {src.get('sentences', '?'):,} sentences from {src.get('package')}, {src.get('files')}; "
             f"licence {src.get('license')}"
@@ -124,11 +127,7 @@ def model_card(*, config: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "## Reproduce",
         "```",
-        *(
-            [f"python scripts/mntp_corpus.py --out {config['data']}   # builds the data (apt-get installs)"]
-            if m.get("sources")
-            else []
-        ),
+        *([f"{build_command(sources, config['data'])}   # builds the data (apt-get installs)"] if sources else []),
         m["command"],
         "```",
         "",
@@ -150,3 +149,10 @@ def refresh_card(out: Path, cloze: dict[str, Any], command: str) -> None:
     metrics["cloze_command"] = command
     write_json(out / "metrics.json", metrics)
     (out / "README.md").write_text(model_card(config=config, meta=metrics))
+
+
+def build_command(sources: dict[str, Any], data: str) -> str:
+    """The command that built the training corpus, as scripts/mntp_corpus.py recorded it (``_build``)."""
+    build = sources.get("_build")
+    command = build.get("command") if isinstance(build, dict) else None
+    return str(command) if command else f"python scripts/mntp_corpus.py --out {data}"
