@@ -41,7 +41,14 @@ from transformers import (  # noqa: E402
 
 from service.config import BUNDLED_MODEL, NO_ADAPTER, SHIPPED_ADAPTER, ConfigError, Device, Precision, Settings
 from service.engine.fused_decoder import FusedDecoder, fused_decoder
-from service.engine.precision import activation_dtype, apply_precision, decode_batch_kernel, resolve_precision
+from service.engine.precision import (
+    Kernel,
+    activation_dtype,
+    apply_precision,
+    calibrate_int8_gemm,
+    decode_batch_kernel,
+    resolve_precision,
+)
 from service.engine.steering import enable_steering
 
 log = logging.getLogger("maskserve.loading")
@@ -239,6 +246,17 @@ def max_length_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) ->
     return int(min(c for c in candidates if isinstance(c, int) and 0 < c < 1_000_000_000) or 512)
 
 
+CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "int8_calibration.txt"
+
+
+def calibration_samples(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[torch.Tensor]:
+    """The token ids of service/data/int8_calibration.txt (16 varied lines: prose, questions, code, JSON),
+    one sequence a line, on the model's device: what int8 GEMM's smoothing is measured on at load."""
+    device = next(model.parameters()).device
+    lines = [line for line in CALIBRATION_TEXT.read_text().splitlines() if line.strip()]
+    return [torch.tensor(tokenizer(line)["input_ids"], device=device) for line in lines]
+
+
 def load_model(settings: Settings) -> LoadedModel:
     """Load the model (and adapter) named by the settings onto the chosen device and dtype."""
     started = time.perf_counter()
@@ -281,6 +299,8 @@ def load_model(settings: Settings) -> LoadedModel:
     # After the merge, so a LoRA delta is quantized together with its base weights; each served model once.
     if gen is not None:
         apply_precision(gen, gen_precision, int8_decode_gemm=settings.int8_decode_gemm)
+        if decode_batch_kernel(gen) == Kernel.INT8_GEMM:
+            calibrate_int8_gemm(gen, calibration_samples(tokenizer, gen))
     if fill is not None and fill is not gen:
         apply_precision(fill, fill_precision, int8_decode_gemm=settings.int8_decode_gemm)
     precision = gen_precision if gen is not None else fill_precision

@@ -123,6 +123,10 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
 
 
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    return a is None and b is None or (a is not None and b is not None and torch.equal(a, b))
+
+
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` with W stored as int8 rows and per-output-channel bfloat16 scales.
 
@@ -154,6 +158,14 @@ class Int8Linear(nn.Module):
         dense = self.dequantized(dense_dtype) if dense_from_rows is not None else None
         self.register_buffer("dense", dense)  # (O, K) bfloat16 or float32 (:func:`fastest_dense_dtype`)
         self.int8_gemm = False  # decode batches of dense_from_rows rows or more: int8 GEMM (set at load)
+        # Int8 GEMM's smoothing (:meth:`smooth`): the activations are divided by ``smoothing`` channel-wise and
+        # multiply ``gemm_qweight``, the weights times ``smoothing`` re-quantized. None: not calibrated.
+        self.smoothing: Tensor | None
+        self.gemm_qweight: Tensor | None
+        self.gemm_scales: Tensor | None
+        self.register_buffer("smoothing", None)  # (K,) float32
+        self.register_buffer("gemm_qweight", None)  # (O, K) int8
+        self.register_buffer("gemm_scales", None)  # (O,) bfloat16
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, dense_from_rows: int | None = DENSE_FROM_ROWS) -> Int8Linear:
@@ -169,12 +181,15 @@ class Int8Linear(nn.Module):
             raise ValueError("stacked parts must share in_features and dense_from_rows")
         if len({p.bias is None for p in parts}) != 1:
             raise ValueError("stacked parts must all have a bias or none")
+        if not all(_same(p.smoothing, first.smoothing) for p in parts):
+            raise ValueError("stacked parts must share one int8 GEMM smoothing (they read the same input)")
         out = cls.__new__(cls)
         nn.Module.__init__(out)
         out.in_features, out.out_features = first.in_features, sum(p.out_features for p in parts)
         out.dense_from_rows = first.dense_from_rows
         out.int8_gemm = first.int8_gemm
-        for name in ("qweight", "scales", "bias", "dense"):
+        out.register_buffer("smoothing", first.smoothing)  # (K,): the parts' one input
+        for name in ("qweight", "scales", "bias", "dense", "gemm_qweight", "gemm_scales"):
             pieces = [getattr(p, name) for p in parts]
             whole = None if pieces[0] is None else torch.cat(pieces)  # (sum O, ...)
             out.register_buffer(name, whole)
@@ -240,11 +255,27 @@ class Int8Linear(nn.Module):
         return y.reshape(*lead, self.out_features)  # (..., O)
 
     def int8_product(self, flat: Tensor) -> Tensor:
-        """``flat W^T`` by int8 GEMM: the rows quantized with a scale each (:func:`quantize_rows`), the int32
-        sums scaled back by the row's and the output channel's scales.  (N, K) -> (N, O) bfloat16"""
-        q, row_scale = quantize_rows(flat)  # (N, K) int8, (N, 1)
-        sums = torch._int_mm(q, self.qweight.t())  # (N, O) int32, exact: |sum| <= 127 * 127 * K < 2^31
-        return (sums.float() * row_scale * self.scales.float()).to(ACTIVATION_DTYPE)  # (N, O)
+        """``flat W^T`` by int8 GEMM: the rows (divided by the smoothing, where calibrated) quantized with a
+        scale each (:func:`quantize_rows`), the int32 sums scaled back by the row's and the output channel's
+        scales.  (N, K) -> (N, O) bfloat16"""
+        x = flat.float()  # (N, K)
+        weights, scales = self.qweight, self.scales
+        if self.smoothing is not None:
+            assert self.gemm_qweight is not None
+            assert self.gemm_scales is not None
+            x, weights, scales = x / self.smoothing, self.gemm_qweight, self.gemm_scales
+        q, row_scale = quantize_rows(x)  # (N, K) int8, (N, 1)
+        sums = torch._int_mm(q, weights.t())  # (N, O) int32, exact: |sum| <= 127 * 127 * K < 2^31
+        return (sums.float() * row_scale * scales.float()).to(ACTIVATION_DTYPE)  # (N, O)
+
+    def smooth(self, smoothing: Tensor) -> None:
+        """Calibrate int8 GEMM (SmoothQuant, Xiao et al. 2023): ``x W^T = (x / s) (W diag(s))^T``. Dividing the
+        activations by ``s`` channel-wise flattens their outlier channels, which a scale a row would otherwise
+        spend its 255 levels on; ``W diag(s)`` is re-quantized (one scale an output channel) for this product
+        only. The weight-only kernel and the dense copy keep the unsmoothed weights.  smoothing (K,) > 0"""
+        weights = self.dequantized(torch.float32) * smoothing.float()[None, :]  # (O, K)
+        self.gemm_qweight, self.gemm_scales = quantize_per_channel(weights)
+        self.smoothing = smoothing.float()
 
     def extra_repr(self) -> str:
         return (
@@ -347,6 +378,35 @@ def int8_gemm_is_faster(dense: torch.dtype) -> bool:
     return medians[True] < medians[False]
 
 
+SMOOTHING_ALPHA = 0.5  # s = amax^alpha; 0.4 / 0.6 measured worse (docs/generation.md "Precision")
+
+
+@torch.inference_mode()
+def calibrate_int8_gemm(model: nn.Module, samples: Sequence[Tensor]) -> int:
+    """Smooth the int8 GEMM of every :class:`Int8Linear` of ``model`` from its inputs on ``samples`` (token id
+    sequences (T,), forwarded one by one on the dense path): per input channel, ``s = amax|x|^alpha``,
+    divided by its median so the typical channel keeps its scale. Layers that read the same input (q, k and v;
+    gate and up) get the same ``s``, so the fused step may stack them. Returns how many were smoothed."""
+    linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    amax: dict[int, Tensor] = {}
+
+    def record(module: nn.Module, inputs: tuple[Tensor, ...], _: Tensor) -> None:
+        seen = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().abs().amax(dim=0)  # (K,)
+        amax[id(module)] = torch.maximum(amax[id(module)], seen) if id(module) in amax else seen
+
+    hooks = [m.register_forward_hook(record) for m in linears]
+    try:
+        for ids in samples:
+            model(input_ids=ids[None])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for module in linears:
+        smoothing = amax[id(module)].clamp(min=1e-5) ** SMOOTHING_ALPHA  # (K,)
+        module.smooth(smoothing / smoothing.median())
+    return len(linears)
+
+
 def decode_batch_kernel(model: nn.Module) -> str:
     """What a decode batch of ``DENSE_FROM_ROWS`` rows or more multiplies by: "int8_gemm", or the dense dtype
     ("bfloat16", "float32": the model's own for float precisions), for ``maskserve info``."""
@@ -361,12 +421,14 @@ def decode_batch_kernel(model: nn.Module) -> str:
 
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes held by the model's weights, by kind: what /v1/info-style reports and the docs quote."""
-    out = {"int8": 0, "dense_copy": 0, "other": 0}
+    out = {"int8": 0, "int8_gemm": 0, "dense_copy": 0, "other": 0}
     seen: set[int] = set()
     for module in model.modules():
         if isinstance(module, Int8Linear):
             out["int8"] += module.qweight.numel() + module.scales.numel() * 2
             out["dense_copy"] += module.dense.numel() * module.dense.element_size() if module.dense is not None else 0
+            if module.gemm_qweight is not None and module.gemm_scales is not None:  # the smoothed copy, int8
+                out["int8_gemm"] += module.gemm_qweight.numel() + module.gemm_scales.numel() * 2
             seen.update(id(t) for t in module.buffers())
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) not in seen:

@@ -153,6 +153,66 @@ def test_int8_gemm_matches_the_float_reference_and_dispatches_decode_batches(mon
     assert lin.kernel((4, 1, 64)) is Kernel.DENSE
 
 
+def test_smoothing_divides_activations_and_multiplies_weights() -> None:
+    """x W^T = (x / s)(W diag(s))^T: with an outlier input channel, smoothing it cuts int8 GEMM's error; the
+    weight-only kernel and the dense copy keep the unsmoothed weights; rows stay independent, bit for bit."""
+    w, b = _weights()
+    torch.manual_seed(4)
+    x = torch.randn(8, 1, 64)
+    x[..., 5] *= 40.0  # one outlier channel, as a residual stream has
+    ref = x.reshape(8, 64) @ w.T + b
+    lin = Int8Linear(w, b, dense_from_rows=4)
+    lin.int8_gemm = True
+    plain_error = (lin(x).reshape(8, 96).float() - ref).abs().max()
+    qweight, dense = lin.qweight.clone(), lin.dense.clone() if lin.dense is not None else None
+    smoothing = torch.ones(64)
+    smoothing[5] = 40.0**0.5
+    lin.smooth(smoothing)
+    smoothed = lin(x)
+    assert (smoothed.reshape(8, 96).float() - ref).abs().max() < plain_error / 2
+    assert torch.equal(lin.qweight, qweight)
+    assert lin.dense is not None
+    assert dense is not None
+    assert torch.equal(lin.dense, dense)
+    assert torch.equal(lin(x[:4]), smoothed[:4])  # 4 rows: still int8 GEMM
+
+
+def test_stacking_keeps_the_smoothing_and_refuses_different_ones() -> None:
+    w, _ = _weights()
+    parts = [Int8Linear(w[:40], None, dense_from_rows=1), Int8Linear(w[40:], None, dense_from_rows=1)]
+    smoothing = torch.linspace(0.5, 2.0, 64)
+    for part in parts:
+        part.int8_gemm = True
+        part.smooth(smoothing)
+    x = torch.randn(5, 1, 64)
+    separate = torch.cat([part(x) for part in parts], dim=-1)
+    stacked = Int8Linear.stacked(parts)
+    assert torch.equal(stacked(x), separate)
+    other = [Int8Linear(w[:40], None), Int8Linear(w[40:], None)]
+    other[0].smooth(smoothing)
+    with pytest.raises(ValueError, match="smoothing"):
+        Int8Linear.stacked(other)
+
+
+def test_an_int8_gemm_model_is_calibrated_at_load(monkeypatch: pytest.MonkeyPatch, llama_settings: Settings) -> None:
+    """Where int8 GEMM is chosen, loading smooths every Int8Linear from service/data/int8_calibration.txt, and
+    the layers the fused step stacks (they read one input) got one smoothing; where it is not, none is kept."""
+    for faster in (True, False):
+        monkeypatch.setattr(precision_mod, "int8_gemm_is_faster", lambda dense, f=faster: f)
+        loaded = load_model(_settings(llama_settings, "int8"))
+        net = loaded.generation_model
+        assert net is not None
+        linears = [m for m in net.modules() if isinstance(m, Int8Linear)]
+        assert all((m.smoothing is not None) == faster for m in linears)
+        assert loaded.describe()["decode_batch_kernel"] == ("int8_gemm" if faster else "float32"
+                                                            if precision_mod.fastest_dense_dtype() == torch.float32
+                                                            else "bfloat16")  # fmt: skip
+        assert loaded.decoder is not None  # stacking q/k/v and gate/up accepted their smoothing
+        assert precision_mod.weight_bytes(net)["int8_gemm"] == (
+            precision_mod.weight_bytes(net)["int8"] if faster else 0
+        )
+
+
 def test_quantize_rows_gives_each_row_its_own_scale() -> None:
     x = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0], [100.0, 50.0, -25.0]])
     q, scale = precision_mod.quantize_rows(x)
