@@ -401,10 +401,11 @@ def calibrate_int8_gemm(model: nn.Module, samples: Sequence[Tensor]) -> int:
     finally:
         for hook in hooks:
             hook.remove()
-    for module in linears:
+    smoothed = [m for m in linears if id(m) in amax]  # a layer the forward never ran keeps plain int8 GEMM
+    for module in smoothed:
         smoothing = amax[id(module)].clamp(min=1e-5) ** SMOOTHING_ALPHA  # (K,)
         module.smooth(smoothing / smoothing.median())
-    return len(linears)
+    return len(smoothed)
 
 
 def decode_batch_kernel(model: nn.Module) -> str:
