@@ -93,15 +93,21 @@ def test_fastest_dense_dtype_is_one_of_the_two() -> None:
     assert precision_mod.fastest_dense_dtype() in (torch.bfloat16, torch.float32)
 
 
-def test_dispatch_picks_the_kernel_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+def count_rows(monkeypatch: pytest.MonkeyPatch, kernel: str) -> list[int]:
+    """Record the rows of every call of ``torch.<kernel>`` (still computed); returns the growing list."""
     calls: list[int] = []
-    real = torch._weight_int8pack_mm
+    real = getattr(torch, kernel)
 
     def counting(x: torch.Tensor, *args: Any) -> torch.Tensor:
         calls.append(x.shape[0])
         return real(x, *args)
 
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", counting)
+    monkeypatch.setattr(torch, kernel, counting)
+    return calls
+
+
+def test_dispatch_picks_the_kernel_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_rows(monkeypatch, "_weight_int8pack_mm")
     w, b = _weights()
     lin = Int8Linear(w, b, dense_from_rows=4)
     for shape, int8 in [
@@ -128,14 +134,7 @@ def test_int8_gemm_matches_the_float_reference_and_dispatches_decode_batches(mon
     w, b = _weights()
     lin = Int8Linear(w, b, dense_from_rows=4)
     lin.int8_gemm = True
-    calls: list[int] = []
-    real = torch._int_mm
-
-    def counting(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        calls.append(a.shape[0])
-        return real(a, w)
-
-    monkeypatch.setattr(torch, "_int_mm", counting)
+    calls = count_rows(monkeypatch, "_int_mm")
     torch.manual_seed(3)
     x = torch.randn(6, 1, 64)
     got = lin(x)
@@ -423,14 +422,7 @@ def test_int8_gemm_keeps_outputs_alone_or_in_a_batch(
     """Int8 GEMM computes a row alone, bit for bit (its scale is the row's own): generation alone and in a
     changing batch, masked rows, and steering = masks are exact on it, as on the weight-only kernel."""
     loaded, vocab, batch = int8_gemm_batch
-    calls: list[int] = []
-    real = torch._int_mm
-
-    def counting(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        calls.append(a.shape[0])
-        return real(a, w)
-
-    monkeypatch.setattr(torch, "_int_mm", counting)
+    calls = count_rows(monkeypatch, "_int_mm")
     if check == "changing_batch":
         test_generate_engine.test_same_output_alone_or_in_a_changing_batch(loaded, vocab, batch, {})
     elif check == "masked_rows":
