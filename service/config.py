@@ -35,7 +35,7 @@ class Precision(StrEnum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
     FLOAT16 = "float16"  # CUDA only in practice; kept so MASKSERVE_DTYPE=float16 keeps working
-    INT8 = "int8"  # weight-only int8 (per-output-channel scales), bfloat16 activations, float32 logits
+    INT8 = "int8"  # weight-only int8 (per-output-channel scales), activations in the faster float dtype, float32 logits
 
 
 # The old name of the setting: MASKSERVE_DTYPE took auto|float32|bfloat16|float16, a subset of Precision.

@@ -87,7 +87,7 @@ class LoadedModel:
     kind: ModelKind
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
-    dtype: torch.dtype  # of activations, masks and the KV cache (bfloat16 under int8); fill-mask: below
+    dtype: torch.dtype  # of activations, masks and the KV cache (activation_dtype); fill-mask: below
     max_length: int
     fill_mask_model: PreTrainedModel | None
     generation_model: PreTrainedModel | None
@@ -104,7 +104,7 @@ class LoadedModel:
     @property
     def fill_mask_dtype(self) -> torch.dtype:
         """The fill-mask model's activation dtype (its 4D masks'): under ``auto`` it may differ from ``dtype``."""
-        return activation_dtype(self.fill_mask_precision or self.precision)
+        return activation_dtype(self.fill_mask_precision or self.precision, self.device)
 
     @property
     def attention_dims(self) -> tuple[int, int]:
@@ -267,7 +267,7 @@ def load_model(settings: Settings) -> LoadedModel:
     fill_precision = resolve_precision(settings.precision, device, many_rows=True)
     # int8 quantizes from the float32 weights, and two precisions start from float32; otherwise load in the one.
     both = {gen_precision, fill_precision}
-    one = activation_dtype(gen_precision)
+    one = activation_dtype(gen_precision, device)
     load_dtype = torch.float32 if Precision.INT8 in both or len(both) > 1 else one
     if settings.model == BUNDLED_MODEL:
         model_dir, name = bundled_model_dir(settings.cache_dir), BUNDLED_NAME
@@ -314,7 +314,7 @@ def load_model(settings: Settings) -> LoadedModel:
         kind=kind,
         tokenizer=tokenizer,
         device=device,
-        dtype=activation_dtype(precision),
+        dtype=activation_dtype(precision, device),
         max_length=min(max_length_of(tokenizer, base), settings.max_input_tokens),
         fill_mask_model=fill,
         generation_model=gen,

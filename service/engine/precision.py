@@ -5,14 +5,17 @@ has been merged (so a LoRA delta is quantized with its base, never added to int8
 
 - ``float32`` / ``bfloat16`` / ``float16``: the model is cast, nothing else changes;
 - ``int8``: weight-only quantization. Every ``nn.Linear`` (attention and MLP projections, the LM head)
-  becomes an :class:`Int8Linear`: int8 weights with one scale per output channel (absmax / 127), bfloat16
-  activations, ``torch._weight_int8pack_mm`` as the kernel. The rest of the model (embeddings, norms,
-  attention itself) runs in bfloat16. A decode step reads ~135 MB of weights for SmolLM2-135M instead of
+  becomes an :class:`Int8Linear`: int8 weights with one scale per output channel (absmax / 127),
+  ``torch._weight_int8pack_mm`` as the kernel (it takes bfloat16 activations). The rest of the model
+  (embeddings, norms, attention itself) and the activations between the layers run in the float dtype this
+  device computes faster (:func:`activation_dtype`): bfloat16 on CUDA and on CPUs with fast bfloat16 GEMM,
+  float32 on CPUs that emulate bfloat16 arithmetic (there an Int8Linear casts its input to bfloat16 for the
+  weight-only kernel and its output back). A decode step reads ~135 MB of weights for SmolLM2-135M instead of
   540 MB (float32): at batch 1 the step is bound by reading weights (docs/generation.md).
 
 The LM head of a decoder is tied to the input embeddings. The embedding lookup needs the table in a float
-dtype, so the tie is broken: the embedding keeps its bfloat16 table for the lookup, the head gets an
-Int8Linear of its own (the head's extra memory is its int8 copy, 28 MB for SmolLM2).
+dtype, so the tie is broken: the embedding keeps its table (in the activations' dtype) for the lookup, the
+head gets an Int8Linear of its own (the head's extra memory is its int8 copy, 28 MB for SmolLM2).
 
 **Kernels by the number of rows.** ``_weight_int8pack_mm`` wins while a matmul is bound by reading its
 weights (few rows); its time grows with every row, and from ~16 rows dense GEMM is faster (prefill,
@@ -22,9 +25,9 @@ a decode step of fewer than ``dense_from_rows`` rows runs the int8 kernel, every
 int8 GEMM, below, for large decode batches; :meth:`Int8Linear.kernel` says why multi-token forwards never
 run int8). The dense copy is the de-quantized int8 weights (``q * scale``), not the original ones, so both
 kernels compute the same model up to rounding of the products; the price is the copy's memory (2 bytes a
-weight beside the int8 byte: 3 bytes a weight in all, against 4 for float32). The copy is bfloat16 unless
-this CPU runs float32 GEMM faster (:func:`fastest_dense_dtype`, timed once at load): then it is float32 (5
-bytes a weight in all), and the activations of those forwards are cast to float32 and back.
+weight beside the int8 byte: 3 bytes a weight in all, against 4 for float32). The copy has the activations'
+dtype: bfloat16 unless this CPU runs float32 GEMM faster (:func:`fastest_dense_dtype`, timed once at load),
+then float32 (5 bytes a weight in all).
 
 **Int8 GEMM for decode batches** (``MASKSERVE_INT8_DECODE_GEMM``, on by default). A decode batch of
 ``dense_from_rows`` rows or more may instead quantize its activations too, one symmetric int8 scale *per row*
@@ -37,7 +40,7 @@ round another's). It rounds each activation to 1/254 of its row's largest: docs/
 has its quality guard. Multi-token forwards (prefill, fill-mask) never take it.
 
 Masks and logits need nothing here: the engine builds 4D masks in the model's parameter dtype
-(``next(model.parameters()).dtype`` — the bfloat16 embeddings come first) and casts logits to float32
+(``next(model.parameters()).dtype`` — the float embeddings come first) and casts logits to float32
 before log-softmax, sampling and output masks (service/engine/generate.py, service/engine/fill/forward.py).
 """
 
@@ -58,7 +61,7 @@ from service.config import Precision
 
 log = logging.getLogger("maskserve.precision")
 
-ACTIVATION_DTYPE = torch.bfloat16  # torch's CPU weight-only kernels are vectorised for bfloat16 activations only
+WEIGHT_ONLY_DTYPE = torch.bfloat16  # torch's CPU weight-only kernels are vectorised for bfloat16 activations only
 # At and above this many rows an Int8Linear runs dense GEMM on its de-quantized copy (measured crossover:
 # bench/int8_crossover.py, docs/generation.md "Precision").
 DENSE_FROM_ROWS = 16
@@ -68,7 +71,6 @@ FLOAT_DTYPES = {
     Precision.FLOAT32: torch.float32,
     Precision.BFLOAT16: torch.bfloat16,
     Precision.FLOAT16: torch.float16,
-    Precision.INT8: ACTIVATION_DTYPE,
 }
 
 
@@ -88,8 +90,14 @@ def resolve_precision(precision: Precision, device: torch.device, *, many_rows: 
     return Precision.INT8
 
 
-def activation_dtype(precision: Precision) -> torch.dtype:
-    """The dtype activations, masks and the KV cache have under ``precision`` (not ``auto``)."""
+def activation_dtype(precision: Precision, device: torch.device) -> torch.dtype:
+    """The dtype activations, masks and the KV cache have under ``precision`` (not ``auto``) on ``device``.
+
+    Under int8 it is the float dtype whose GEMM this device runs faster (the dtype of the de-quantized copy
+    too): on a CPU that emulates bfloat16 arithmetic, norms, attention and the element-wise work between the
+    int8 products are faster in float32 as well (docs/generation.md, issue 13's seventh round)."""
+    if precision is Precision.INT8:
+        return fastest_dense_dtype() if device.type == "cpu" else WEIGHT_ONLY_DTYPE
     return FLOAT_DTYPES[precision]
 
 
@@ -100,7 +108,7 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     ``q * scale`` is the nearest int8 grid point under the scale the kernel really uses.
     """
     w = weight.detach().float()  # (O, K)
-    scale = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(ACTIVATION_DTYPE)  # (O,)
+    scale = (w.abs().amax(dim=1).clamp(min=1e-8) / 127.0).to(WEIGHT_ONLY_DTYPE)  # (O,)
     q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # (O, K)
     return q.contiguous(), scale
 
@@ -130,7 +138,7 @@ def _same(a: Tensor | None, b: Tensor | None) -> bool:
 class Int8Linear(nn.Module):
     """``y = x W^T + b`` with W stored as int8 rows and per-output-channel bfloat16 scales.
 
-    Input any float dtype ``(..., K)``; output bfloat16 ``(..., O)``. A decode step of fewer than
+    Input any float dtype ``(..., K)``; output the input's dtype ``(..., O)``. A decode step of fewer than
     ``dense_from_rows`` rows runs ``torch._weight_int8pack_mm``; larger decode batches run int8 GEMM where
     ``int8_gemm`` is set, else GEMM on the de-quantized copy, as every other input does (:meth:`kernel`;
     ``dense_from_rows=None``: always the weight-only kernel, and no copy is kept).
@@ -142,7 +150,7 @@ class Int8Linear(nn.Module):
         bias: Tensor | None,
         *,
         dense_from_rows: int | None = DENSE_FROM_ROWS,
-        dense_dtype: torch.dtype = ACTIVATION_DTYPE,
+        dense_dtype: torch.dtype = WEIGHT_ONLY_DTYPE,
     ) -> None:
         super().__init__()
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
@@ -152,11 +160,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("qweight", q)  # (O, K) int8
         self.register_buffer("scales", scale)  # (O,) bfloat16
         self.bias: Tensor | None
-        self.register_buffer("bias", None if bias is None else bias.detach().to(ACTIVATION_DTYPE).clone())  # (O,)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())  # (O,), cast at load
         self.dense_from_rows = dense_from_rows
         self.dense: Tensor | None
         dense = self.dequantized(dense_dtype) if dense_from_rows is not None else None
-        self.register_buffer("dense", dense)  # (O, K) bfloat16 or float32 (:func:`fastest_dense_dtype`)
+        self.register_buffer("dense", dense)  # (O, K) bfloat16 or float32 (the activations' dtype)
         self.int8_gemm = False  # decode batches of dense_from_rows rows or more: int8 GEMM (set at load)
         # Int8 GEMM's smoothing (:meth:`smooth`): the activations are divided by ``smoothing`` channel-wise and
         # multiply ``gemm_qweight``, the weights times ``smoothing`` re-quantized. None: not calibrated.
@@ -206,13 +214,19 @@ class Int8Linear(nn.Module):
         (its shape, e.g. the vocabulary size of an LM head).  # (O, K)"""
         return self.dense if self.dense is not None else self.dequantized()
 
-    def dequantized(self, dtype: torch.dtype = ACTIVATION_DTYPE) -> Tensor:
+    def dequantized(self, dtype: torch.dtype = WEIGHT_ONLY_DTYPE) -> Tensor:
         """The weights the int8 kernel multiplies by, ``q * scale``, in ``dtype``.  # (O, K)"""
         return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
 
     def use_dense_dtype(self, dtype: torch.dtype) -> None:
-        """Keep the de-quantized copy in ``dtype`` (float32 where its GEMM is the faster one)."""
-        if self.dense is not None and self.dense.dtype != dtype:
+        """Keep the de-quantized copy in ``dtype`` (float32 where its GEMM is the faster one), computed from the
+        int8 weights (never cast from a rounded copy), and the kernels' scales in bfloat16. Called after a
+        model-wide ``.to(dtype)``, which casts every float buffer: the scales are bfloat16 values, so casting
+        them back is exact."""
+        self.scales = self.scales.to(WEIGHT_ONLY_DTYPE)
+        if self.gemm_scales is not None:
+            self.gemm_scales = self.gemm_scales.to(WEIGHT_ONLY_DTYPE)
+        if self.dense is not None:
             self.dense = self.dequantized(dtype)
 
     def kernel(self, shape: tuple[int, ...] | torch.Size) -> Kernel:
@@ -238,26 +252,26 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)  # (N, K), N = batch x tokens
+        flat = x.reshape(-1, self.in_features)  # (N, K), N = batch x tokens
         kernel = self.kernel(x.shape)
         if kernel is Kernel.DENSE:
             assert self.dense is not None
-            dtype = self.dense.dtype  # bfloat16, or float32 where that GEMM is faster (then cast back)
-            bias = self.bias if self.bias is None or dtype == ACTIVATION_DTYPE else self.bias.to(dtype)
-            y = torch.nn.functional.linear(flat.to(dtype), self.dense, bias).to(ACTIVATION_DTYPE)  # (N, O)
+            dtype = self.dense.dtype  # the activations' dtype once loaded (apply_precision)
+            bias = self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
+            y = torch.nn.functional.linear(flat.to(dtype), self.dense, bias)  # (N, O)
         else:
             if kernel is Kernel.INT8_GEMM:
-                y = self.int8_product(flat)  # (N, O)
+                y = self.int8_product(flat)  # (N, O) float32
             else:
-                y = torch._weight_int8pack_mm(flat.contiguous(), self.qweight, self.scales)  # (N, O)
+                y = torch._weight_int8pack_mm(flat.to(WEIGHT_ONLY_DTYPE).contiguous(), self.qweight, self.scales)
             if self.bias is not None:
                 y = y + self.bias
-        return y.reshape(*lead, self.out_features)  # (..., O)
+        return y.to(x.dtype).reshape(*lead, self.out_features)  # (..., O)
 
     def int8_product(self, flat: Tensor) -> Tensor:
         """``flat W^T`` by int8 GEMM: the rows (divided by the smoothing, where calibrated) quantized with a
         scale each (:func:`quantize_rows`), the int32 sums scaled back by the row's and the output channel's
-        scales.  (N, K) -> (N, O) bfloat16"""
+        scales.  (N, K) -> (N, O) float32"""
         x = flat.float()  # (N, K)
         weights, scales = self.qweight, self.scales
         if self.smoothing is not None:
@@ -266,7 +280,7 @@ class Int8Linear(nn.Module):
             x, weights, scales = x / self.smoothing, self.gemm_qweight, self.gemm_scales
         q, row_scale = quantize_rows(x)  # (N, K) int8, (N, 1)
         sums = torch._int_mm(q, weights.t())  # (N, O) int32, exact: |sum| <= 127 * 127 * K < 2^31
-        return (sums.float() * row_scale * scales.float()).to(ACTIVATION_DTYPE)  # (N, O)
+        return sums.float() * row_scale * scales.float()  # (N, O)
 
     def smooth(self, smoothing: Tensor) -> None:
         """Calibrate int8 GEMM (SmoothQuant, Xiao et al. 2023): ``x W^T = (x / s) (W diag(s))^T``. Dividing the
@@ -295,7 +309,7 @@ def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_
                 setattr(parent, name, Int8Linear.from_linear(child, dense_from_rows=dense_from_rows))
                 count += 1
             elif isinstance(child, nn.Linear):
-                log.warning("%s (in_features %d) stays in bfloat16: the int8 kernel needs a multiple of %d",
+                log.warning("%s (in_features %d) stays a float layer: the int8 kernel needs a multiple of %d",
                             name, child.in_features, INT8_K_MULTIPLE)  # fmt: skip
     config: Any = getattr(model, "config", None)
     if callable(get_head) and isinstance(get_head(), Int8Linear) and getattr(config, "tie_word_embeddings", False):
@@ -313,14 +327,14 @@ def apply_precision(model: nn.Module, precision: Precision, *, int8_decode_gemm:
     if precision is Precision.AUTO:
         raise ValueError("resolve the precision first (resolve_precision)")
     if precision is Precision.INT8:
-        # Quantize from the weights as loaded (float32), then cast the rest (embeddings, norms) to bfloat16;
-        # ``.to(dtype)`` leaves the int8 buffers as they are.
+        # Quantize from the weights as loaded (float32), then cast the rest (embeddings, norms) to the
+        # activations' dtype; ``.to(dtype)`` leaves the int8 buffers as they are.
         count = quantize_int8(model)
-    model.to(activation_dtype(precision))
+    device = next(model.parameters()).device
+    dense = activation_dtype(precision, device)
+    model.to(dense)
     if precision is Precision.INT8:
-        # After the cast (which would turn a float32 copy into bfloat16): the many-row kernel's dtype.
-        device = next(model.parameters()).device
-        dense = fastest_dense_dtype() if device.type == "cpu" else ACTIVATION_DTYPE
+        # After the cast (which also cast the scales and the bfloat16 copy): the copy and scales as kernels want.
         int8_gemm = int8_decode_gemm and device.type == "cpu" and int8_gemm_is_faster(dense)
         for module in model.modules():
             if isinstance(module, Int8Linear):
@@ -340,7 +354,7 @@ def fastest_dense_dtype() -> torch.dtype:
     generate.py's machine line: 145 against 287 GFLOP/s). Timed once per process: (64 x 576) @ (576 x 1536), the
     median of 5 alternated rounds of 10 products each, ~50 ms."""
     x32, w32 = torch.randn(64, 576), torch.randn(1536, 576)
-    inputs = {torch.float32: (x32, w32), ACTIVATION_DTYPE: (x32.to(ACTIVATION_DTYPE), w32.to(ACTIVATION_DTYPE))}
+    inputs = {torch.float32: (x32, w32), WEIGHT_ONLY_DTYPE: (x32.to(WEIGHT_ONLY_DTYPE), w32.to(WEIGHT_ONLY_DTYPE))}
     times: dict[torch.dtype, list[float]] = {dtype: [] for dtype in inputs}
     with torch.inference_mode():
         for _ in range(6):  # the first round warms both up and is dropped
@@ -362,7 +376,7 @@ def int8_gemm_is_faster(dense: torch.dtype) -> bool:
     projections, the median of 5 alternated rounds of 10 products each, ~30 ms. Timed once per process."""
     generator = torch.Generator().manual_seed(0)
     lin = Int8Linear(torch.randn(1536, 576, generator=generator) * 0.02, None, dense_from_rows=1, dense_dtype=dense)
-    x = torch.randn(32, 1, 576, generator=generator).to(ACTIVATION_DTYPE)
+    x = torch.randn(32, 1, 576, generator=generator).to(dense)  # the activations' dtype
     times: dict[bool, list[float]] = {True: [], False: []}
     with torch.inference_mode():
         for _ in range(6):  # the first round warms both up and is dropped

@@ -53,7 +53,7 @@ def test_quantized_linear_matches_the_float_reference() -> None:
         x = torch.randn(*shape)
         ref = x @ w.T + b  # float32
         got = lin(x)
-        assert got.dtype == torch.bfloat16
+        assert got.dtype == torch.float32  # the input's dtype, whatever the kernel computes in
         assert got.shape == (*shape[:-1], 96)
         # Tolerance: quantisation (<= 1/254 of a row's absmax per weight, random signs) plus bfloat16 rounding
         # of the input and the output (2^-9 relative each): 2% of the largest output bounds both with margin.
@@ -64,29 +64,46 @@ def test_both_kernels_compute_the_same_weights() -> None:
     w, b = _weights()
     lin = Int8Linear(w, b, dense_from_rows=4)
     x = torch.randn(2, 1, 64)
-    int8 = lin(x)  # 2 rows < 4: int8 kernel
+    int8 = lin(x.bfloat16())  # 2 rows < 4: int8 kernel
     assert lin.dense is not None
-    dense = torch.nn.functional.linear(x.reshape(2, 64).bfloat16(), lin.dense, lin.bias).reshape(2, 1, 96)
+    dense = torch.nn.functional.linear(x.reshape(2, 64).bfloat16(), lin.dense, b.bfloat16()).reshape(2, 1, 96)
     # The dense copy is q * scale rounded to bfloat16: the two differ by bfloat16 rounding only.
     assert (int8.float() - dense.float()).abs().max() <= 2**-7 * dense.float().abs().max()
 
 
-def test_a_float32_copy_computes_the_same_weights_and_answers_bfloat16() -> None:
-    """Where float32 GEMM is the faster one (fastest_dense_dtype), the copy is float32: the same q * scale,
-    unrounded; many-row inputs are cast to float32 and the output back to bfloat16."""
+def test_a_float32_copy_computes_the_same_weights_in_float32() -> None:
+    """Where float32 GEMM is the faster one (fastest_dense_dtype), the copy and the activations are float32: the
+    copy is the same q * scale, unrounded, and many-row inputs multiply it with no cast either way."""
     w, b = _weights()
     lin = Int8Linear(w, b, dense_from_rows=4)
     rows = torch.randn(6, 1, 64)  # 6 rows >= 4: the dense kernel
-    bf16 = lin(rows)
+    bf16 = lin(rows.bfloat16())
     lin.use_dense_dtype(torch.float32)
     assert lin.dense is not None
     assert lin.dense.dtype == torch.float32
     assert torch.equal(lin.dense.to(torch.bfloat16), lin.dequantized())
     f32 = lin(rows)
-    assert f32.dtype == torch.bfloat16
-    expected = (rows.reshape(6, 64).bfloat16().float() @ lin.dense.T + b.bfloat16().float()).bfloat16()
-    assert torch.equal(f32.reshape(6, 96), expected)
+    assert f32.dtype == torch.float32
+    assert torch.equal(f32.reshape(6, 96), rows.reshape(6, 64) @ lin.dense.T + b)
     assert (f32.float() - bf16.float()).abs().max() <= 2**-7 * bf16.float().abs().max()
+
+
+def test_a_cast_model_gets_its_kernels_dtypes_back() -> None:
+    """``model.to(float32)`` casts every float buffer; use_dense_dtype puts the scales back in bfloat16 (exactly:
+    they are bfloat16 values) and recomputes the copy from the int8 weights, so float32 activations reach the
+    weight-only kernel (cast to bfloat16) and come back float32, with the outputs of a bfloat16 model."""
+    w, b = _weights()
+    lin = Int8Linear(w, b, dense_from_rows=4)
+    x = torch.randn(2, 1, 64).bfloat16()  # 2 rows < 4: the weight-only kernel
+    before = lin(x)
+    lin.to(torch.float32)
+    lin.use_dense_dtype(torch.float32)
+    assert lin.scales.dtype == torch.bfloat16
+    assert lin.dense is not None
+    assert torch.equal(lin.dense, lin.dequantized(torch.float32))
+    after = lin(x.float())
+    assert after.dtype == torch.float32
+    assert torch.equal(after.bfloat16(), before)
 
 
 def test_fastest_dense_dtype_is_one_of_the_two() -> None:
@@ -139,7 +156,7 @@ def test_int8_gemm_matches_the_float_reference_and_dispatches_decode_batches(mon
     x = torch.randn(6, 1, 64)
     got = lin(x)
     assert calls == [6]
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == torch.float32
     ref = x.reshape(6, 64) @ w.T + b
     assert (got.reshape(6, 96).float() - ref).abs().max() <= 0.025 * ref.abs().max()
     for shape, kernel in [((3, 1, 64), Kernel.WEIGHT_ONLY), ((4, 1, 64), Kernel.INT8_GEMM), ((1, 5, 64), Kernel.DENSE),
@@ -250,7 +267,7 @@ def test_each_kernel_computes_rows_nearly_independently_of_the_others(kernel: st
             assert ((part.float() - full[:m].float()).abs() <= step + 1e-6).all(), m
 
 
-def test_layers_the_kernel_cannot_take_stay_bfloat16() -> None:
+def test_layers_the_kernel_cannot_take_stay_float_layers() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(32, 8), torch.nn.Linear(8, 4))  # in_features 8: not a multiple of 16
     assert quantize_int8(model) == 1
     assert isinstance(model[0], Int8Linear)
@@ -277,6 +294,30 @@ def test_auto_fill_mask_model_takes_the_faster_gemm(monkeypatch: pytest.MonkeyPa
     assert loaded.describe()["fill_mask_precision"] == "float32"
     assert loaded.fill_mask_dtype == torch.float32  # its masks too: a forward runs (bfloat16 masks would fail)
     assert torch.isfinite(forward_rows(loaded, [Row((3, 4, 5, 6), (2,))])[0]).all()
+
+
+@pytest.mark.parametrize("dense", [torch.bfloat16, torch.float32])
+def test_int8_activations_take_the_faster_gemm_dtype(
+    monkeypatch: pytest.MonkeyPatch, llama_settings: Settings, dense: torch.dtype
+) -> None:
+    """On a CPU whose float32 GEMM is the faster one, int8's activations (and norms, attention, the KV cache)
+    are float32 too; elsewhere bfloat16. Either way the kernels keep bfloat16 scales and a copy of the
+    activations' dtype, and greedy generation runs (the weight-only kernel gets its input cast to bfloat16)."""
+    monkeypatch.setattr(precision_mod, "fastest_dense_dtype", lambda: dense)
+    loaded = load_model(_settings(llama_settings, "int8"))
+    net = loaded.generation_model
+    assert net is not None
+    assert loaded.dtype == dense
+    assert next(net.parameters()).dtype == dense
+    for module in net.modules():
+        if isinstance(module, Int8Linear):
+            assert module.scales.dtype == torch.bfloat16
+            assert module.dense is not None
+            assert module.dense.dtype == dense
+    app = create_app(_settings(llama_settings, "int8"))
+    with TestClient(app) as client:
+        r = client.post("/v1/generate", json={"prompt": "a b c", "max_new_tokens": 4})
+    assert r.status_code == 200, r.text
 
 
 def test_auto_is_int8_on_cpu_and_bfloat16_on_cuda() -> None:
@@ -306,7 +347,10 @@ def _settings(base: Settings, precision: str) -> Settings:
 def test_loading_in_each_precision(mntp_settings: Settings, precision: str) -> None:
     loaded = load_model(_settings(mntp_settings, precision))
     assert loaded.precision is Precision(precision)
-    expected = torch.float32 if precision == "float32" else torch.bfloat16
+    # int8's activations take the float dtype whose GEMM this CPU runs faster (activation_dtype)
+    expected = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": precision_mod.fastest_dense_dtype()}[
+        precision
+    ]
     assert loaded.dtype == expected
     assert loaded.fill_mask_model is not None
     assert loaded.generation_model is not None
@@ -318,7 +362,7 @@ def test_loading_in_each_precision(mntp_settings: Settings, precision: str) -> N
         if precision == "int8":
             assert not linear
             assert isinstance(net.get_output_embeddings(), Int8Linear)  # the LM head too, untied
-            assert net.get_input_embeddings().weight.dtype == torch.bfloat16  # the lookup keeps working
+            assert net.get_input_embeddings().weight.dtype == expected  # the lookup keeps working
             assert not net.config.tie_word_embeddings
         else:
             assert not int8
