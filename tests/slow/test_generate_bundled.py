@@ -25,7 +25,7 @@ MODEL = "SmolLM2-135M-Instruct"
 @pytest.fixture(scope="module")
 def bundled() -> tuple[Settings, LoadedModel]:
     # float32: greedy must equal transformers' generate exactly, alone and when the three prompts share a
-    # prefill. On the int8 default the prefill's bfloat16 GEMM rounds differently with the batch, and a
+    # prefill. On the int8 default the prefill's GEMM (the de-quantized copy) rounds differently with the batch, and a
     # near-tie ("help" / "assist") flipped in CI; tests/slow/test_precision_bundled.py states that tolerance.
     settings = load_settings(adapter="none", precision="float32")
     return settings, load_model(settings)

@@ -2,9 +2,10 @@
 generation alone and in a batch of 8, and against float32.
 
 Alone and batched, a decode batch below DENSE_FROM_ROWS runs the same int8 kernel (each row computed alone,
-bit for bit), but the prefill runs bfloat16 GEMM, whose blocking depends on the number of rows: a few
-outputs differ by one bfloat16 rounding step (tests/integration/test_precision.py), and after 30 layers
-this can flip a near-tie. Measured here: 6 of 8 continuations of 32 tokens identical, 2 diverging later.
+bit for bit), but the prefill runs GEMM on the de-quantized copy (bfloat16, or float32 where this CPU runs
+that faster), whose blocking depends on the number of rows: a few outputs differ by one rounding step
+(tests/integration/test_precision.py), and after 30 layers this can flip a near-tie. Measured here: 6 of 8
+continuations of 32 tokens identical, 2 diverging later.
 So the test asks for the strongest thing that holds: identical until a step where the two top tokens of the
 alone run are within ``NEAR_TIE`` nats of each other, and there the batched run picked the other of the two.
 """
