@@ -218,9 +218,9 @@ class Int8Linear(nn.Module):
         """The weights the int8 kernel multiplies by, ``q * scale``, in ``dtype``.  # (O, K)"""
         return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
 
-    def use_dense_dtype(self, dtype: torch.dtype) -> None:
-        """Keep the de-quantized copy in ``dtype`` (float32 where its GEMM is the faster one), computed from the
-        int8 weights (never cast from a rounded copy), and the kernels' scales in bfloat16. Called after a
+    def settle_dtypes(self, dtype: torch.dtype) -> None:
+        """Put each buffer in the dtype its kernel takes: the de-quantized copy in ``dtype`` (the activations'),
+        computed from the int8 weights (never cast from a rounded copy), the scales in bfloat16. Called after a
         model-wide ``.to(dtype)``, which casts every float buffer: the scales are bfloat16 values, so casting
         them back is exact."""
         self.scales = self.scales.to(WEIGHT_ONLY_DTYPE)
@@ -338,7 +338,7 @@ def apply_precision(model: nn.Module, precision: Precision, *, int8_decode_gemm:
         int8_gemm = int8_decode_gemm and device.type == "cpu" and int8_gemm_is_faster(dense)
         for module in model.modules():
             if isinstance(module, Int8Linear):
-                module.use_dense_dtype(dense)
+                module.settle_dtypes(dense)
                 module.int8_gemm = int8_gemm
         batches = "int8" if int8_gemm else str(dense)
         log.info("int8: %d linear layers quantized; %s GEMM for forwards of many rows, %s GEMM for decode "

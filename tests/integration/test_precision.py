@@ -78,7 +78,7 @@ def test_a_float32_copy_computes_the_same_weights_in_float32() -> None:
     lin = Int8Linear(w, b, dense_from_rows=4)
     rows = torch.randn(6, 1, 64)  # 6 rows >= 4: the dense kernel
     bf16 = lin(rows.bfloat16())
-    lin.use_dense_dtype(torch.float32)
+    lin.settle_dtypes(torch.float32)
     assert lin.dense is not None
     assert lin.dense.dtype == torch.float32
     assert torch.equal(lin.dense.to(torch.bfloat16), lin.dequantized())
@@ -89,7 +89,7 @@ def test_a_float32_copy_computes_the_same_weights_in_float32() -> None:
 
 
 def test_a_cast_model_gets_its_kernels_dtypes_back() -> None:
-    """``model.to(float32)`` casts every float buffer; use_dense_dtype puts the scales back in bfloat16 (exactly:
+    """``model.to(float32)`` casts every float buffer; settle_dtypes puts the scales back in bfloat16 (exactly:
     they are bfloat16 values) and recomputes the copy from the int8 weights, so float32 activations reach the
     weight-only kernel (cast to bfloat16) and come back float32, with the outputs of a bfloat16 model."""
     w, b = _weights()
@@ -97,7 +97,7 @@ def test_a_cast_model_gets_its_kernels_dtypes_back() -> None:
     x = torch.randn(2, 1, 64).bfloat16()  # 2 rows < 4: the weight-only kernel
     before = lin(x)
     lin.to(torch.float32)
-    lin.use_dense_dtype(torch.float32)
+    lin.settle_dtypes(torch.float32)
     assert lin.scales.dtype == torch.bfloat16
     assert lin.dense is not None
     assert torch.equal(lin.dense, lin.dequantized(torch.float32))
