@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         "and multiply by int8 GEMM, where this CPU runs that faster than the de-quantized copy (timed at load); "
         "false = the copy.",
     )
+    int8_kernels: bool = Field(
+        True,
+        description="int8 on x86 CPUs with AVX-512: maskserve's own products (service/engine/int8_kernels.c, built "
+        "with the system C compiler at load) for decode steps of fewer than 16 rows where the activations are "
+        "float32, and for int8 GEMM (AVX-512 VNNI); false, or without a compiler = torch's kernels.",
+    )
     fused_decode: bool = Field(
         True,
         description="Decode steps of Llama-architecture models run the engine's fused step "

@@ -47,6 +47,7 @@ from service.engine.precision import (
     apply_precision,
     calibrate_int8_gemm,
     decode_batch_kernel,
+    decode_step_kernel,
     resolve_precision,
 )
 from service.engine.steering import enable_steering
@@ -130,6 +131,7 @@ class LoadedModel:
             "precision": self.precision.value,
             "fill_mask_precision": (self.fill_mask_precision or self.precision).value,
             "decode": "fused" if self.decoder is not None else "transformers",
+            "decode_step_kernel": decode_step_kernel(self.generation_model) if self.generation_model else None,
             "decode_batch_kernel": decode_batch_kernel(self.generation_model) if self.generation_model else None,
             "mask_token": self.mask_token,
             "max_length": self.max_length,
@@ -298,11 +300,13 @@ def load_model(settings: Settings) -> LoadedModel:
         mask_token = None
     # After the merge, so a LoRA delta is quantized together with its base weights; each served model once.
     if gen is not None:
-        apply_precision(gen, gen_precision, int8_decode_gemm=settings.int8_decode_gemm)
+        apply_precision(gen, gen_precision, int8_decode_gemm=settings.int8_decode_gemm,
+                        int8_kernels_on=settings.int8_kernels)  # fmt: skip
         if decode_batch_kernel(gen) == Kernel.INT8_GEMM:
             calibrate_int8_gemm(gen, calibration_samples(tokenizer, gen))
     if fill is not None and fill is not gen:
-        apply_precision(fill, fill_precision, int8_decode_gemm=settings.int8_decode_gemm)
+        apply_precision(fill, fill_precision, int8_decode_gemm=settings.int8_decode_gemm,
+                        int8_kernels_on=settings.int8_kernels)  # fmt: skip
     precision = gen_precision if gen is not None else fill_precision
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token is not None else None
     assert mask_id is None or isinstance(mask_id, int)

@@ -9,8 +9,8 @@ has been merged (so a LoRA delta is quantized with its base, never added to int8
   ``torch._weight_int8pack_mm`` as the kernel (it takes bfloat16 activations). The rest of the model
   (embeddings, norms, attention itself) and the activations between the layers run in the float dtype this
   device computes faster (:func:`activation_dtype`): bfloat16 on CUDA and on CPUs with fast bfloat16 GEMM,
-  float32 on CPUs that emulate bfloat16 arithmetic (there an Int8Linear casts its input to bfloat16 for the
-  weight-only kernel and its output back). A decode step reads ~135 MB of weights for SmolLM2-135M instead of
+  float32 on CPUs that emulate bfloat16 arithmetic (there decode steps run maskserve's own float32 kernel,
+  below, or cast to bfloat16 for torch's and back). A decode step reads ~135 MB of weights for SmolLM2-135M instead of
   540 MB (float32): at batch 1 the step is bound by reading weights (docs/generation.md).
 
 The LM head of a decoder is tied to the input embeddings. The embedding lookup needs the table in a float
@@ -28,6 +28,12 @@ kernels compute the same model up to rounding of the products; the price is the 
 weight beside the int8 byte: 3 bytes a weight in all, against 4 for float32). The copy has the activations'
 dtype: bfloat16 unless this CPU runs float32 GEMM faster (:func:`fastest_dense_dtype`, timed once at load),
 then float32 (5 bytes a weight in all).
+
+**maskserve's own CPU kernels** (service/engine/int8_kernels.c, ``MASKSERVE_INT8_KERNELS``, on by default;
+built with the system C compiler at load, else torch's kernels stay). Where the activations are float32, decode
+steps below ``dense_from_rows`` rows run its float32 product instead of ``_weight_int8pack_mm``: the same int8
+weights and scales, float32 rows, no casts, the weights read once with prefetch. Int8 GEMM (below) runs its
+VNNI product instead of ``torch._int_mm``, with the same numbers. Both compute each row alone, bit for bit.
 
 **Int8 GEMM for decode batches** (``MASKSERVE_INT8_DECODE_GEMM``, on by default). A decode batch of
 ``dense_from_rows`` rows or more may instead quantize its activations too, one symmetric int8 scale *per row*
@@ -58,6 +64,7 @@ import torch
 from torch import Tensor, nn
 
 from service.config import Precision
+from service.engine import int8_kernels
 
 log = logging.getLogger("maskserve.precision")
 
@@ -166,6 +173,11 @@ class Int8Linear(nn.Module):
         dense = self.dequantized(dense_dtype) if dense_from_rows is not None else None
         self.register_buffer("dense", dense)  # (O, K) bfloat16 or float32 (the activations' dtype)
         self.int8_gemm = False  # decode batches of dense_from_rows rows or more: int8 GEMM (set at load)
+        # maskserve's kernels (int8_kernels.c), bound at load where they build here (:meth:`bind_kernels`):
+        # ``matvec`` for decode steps below dense_from_rows with float32 rows, ``gemm`` for int8 GEMM. Plain
+        # attributes, not buffers: they are read ~120 times a decode step.
+        self.matvec: int8_kernels.Int8Weights | None = None
+        self.gemm: int8_kernels.Int8GemmWeights | None = None
         # Int8 GEMM's smoothing (:meth:`smooth`): the activations are divided by ``smoothing`` channel-wise and
         # multiply ``gemm_qweight``, the weights times ``smoothing`` re-quantized. None: not calibrated.
         self.smoothing: Tensor | None
@@ -196,6 +208,7 @@ class Int8Linear(nn.Module):
         out.in_features, out.out_features = first.in_features, sum(p.out_features for p in parts)
         out.dense_from_rows = first.dense_from_rows
         out.int8_gemm = first.int8_gemm
+        out.matvec, out.gemm = None, None
         out.register_buffer("smoothing", first.smoothing)  # (K,): the parts' one input
         for name in ("qweight", "scales", "bias", "dense", "gemm_qweight", "gemm_scales"):
             pieces = [getattr(p, name) for p in parts]
@@ -206,6 +219,12 @@ class Int8Linear(nn.Module):
                 if whole is not None:
                     setattr(p, name, whole[start : start + p.out_features])  # a view of the stacked rows
                 start += p.out_features
+        # Bound to the stacked rows, so the parts' own tensors are freed. The parts' float32 products bind views
+        # (no copy); int8 GEMM packs its weights, so only the stacked module keeps that kernel (the parts, on
+        # transformers' forward, run torch._int_mm: the same numbers).
+        out.bind_kernels(matvec=first.matvec is not None, gemm=first.gemm is not None)
+        for p in parts:
+            p.bind_kernels(matvec=first.matvec is not None, gemm=False)
         return out
 
     @property
@@ -228,6 +247,20 @@ class Int8Linear(nn.Module):
             self.gemm_scales = self.gemm_scales.to(WEIGHT_ONLY_DTYPE)
         if self.dense is not None:
             self.dense = self.dequantized(dtype)
+        self.bind_kernels(matvec=self.matvec is not None, gemm=self.gemm is not None)  # to the new scales
+
+    def bind_kernels(self, *, matvec: bool, gemm: bool) -> None:
+        """Run int8_kernels.c's products on the current int8 buffers (call again after replacing them):
+        ``matvec`` for decode steps below ``dense_from_rows`` with float32 rows, ``gemm`` for int8 GEMM (where K
+        is a multiple of 64); otherwise torch's kernels."""
+        self.matvec = int8_kernels.Int8Weights(self.qweight, self.scales, self.bias) if matvec else None
+        weights, scales = self.qweight, self.scales
+        if self.smoothing is not None:
+            assert self.gemm_qweight is not None
+            assert self.gemm_scales is not None
+            weights, scales = self.gemm_qweight, self.gemm_scales
+        fits = self.in_features % int8_kernels.GEMM_K_MULTIPLE == 0
+        self.gemm = int8_kernels.Int8GemmWeights(weights, scales, self.smoothing) if gemm and fits else None
 
     def kernel(self, shape: tuple[int, ...] | torch.Size) -> Kernel:
         """Which product an input of ``shape`` runs.
@@ -251,9 +284,11 @@ class Int8Linear(nn.Module):
         return Kernel.DENSE
 
     def forward(self, x: Tensor) -> Tensor:
+        kernel = self.kernel(x.shape)
+        if kernel is Kernel.WEIGHT_ONLY and self.matvec is not None and x.dtype == torch.float32:
+            return self.matvec(x)  # (..., O) float32, bias included
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features)  # (N, K), N = batch x tokens
-        kernel = self.kernel(x.shape)
         if kernel is Kernel.DENSE:
             assert self.dense is not None
             dtype = self.dense.dtype  # the activations' dtype once loaded (apply_precision)
@@ -272,6 +307,8 @@ class Int8Linear(nn.Module):
         """``flat W^T`` by int8 GEMM: the rows (divided by the smoothing, where calibrated) quantized with a
         scale each (:func:`quantize_rows`), the int32 sums scaled back by the row's and the output channel's
         scales.  (N, K) -> (N, O) float32"""
+        if self.gemm is not None:  # int8_kernels.c: all of the below in one call, the same numbers
+            return self.gemm(flat)
         x = flat.float()  # (N, K)
         weights, scales = self.qweight, self.scales
         if self.smoothing is not None:
@@ -290,11 +327,13 @@ class Int8Linear(nn.Module):
         weights = self.dequantized(torch.float32) * smoothing.float()[None, :]  # (O, K)
         self.gemm_qweight, self.gemm_scales = quantize_per_channel(weights)
         self.smoothing = smoothing.float()
+        self.bind_kernels(matvec=self.matvec is not None, gemm=self.gemm is not None)  # to the smoothed rows
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"dense_from_rows={self.dense_from_rows}, int8_gemm={self.int8_gemm}"
+            f"dense_from_rows={self.dense_from_rows}, int8_gemm={self.int8_gemm}, "
+            f"kernels={'maskserve' if self.matvec or self.gemm else 'torch'}"
         )
 
 
@@ -319,11 +358,15 @@ def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_
     return count
 
 
-def apply_precision(model: nn.Module, precision: Precision, *, int8_decode_gemm: bool = True) -> nn.Module:
+def apply_precision(
+    model: nn.Module, precision: Precision, *, int8_decode_gemm: bool = True, int8_kernels_on: bool = True
+) -> nn.Module:
     """Cast (and for int8, quantize) a loaded model in place; ``precision`` is resolved (not ``auto``).
 
     ``int8_decode_gemm``: int8 decode batches of ``DENSE_FROM_ROWS`` rows or more may run int8 GEMM, and do
-    where this CPU runs it faster than the dense copy (:func:`int8_gemm_is_faster`)."""
+    where this CPU runs it faster than the dense copy (:func:`int8_gemm_is_faster`). ``int8_kernels_on``:
+    maskserve's kernels (service/engine/int8_kernels.py) where they build here: the float32 product for decode
+    steps below ``DENSE_FROM_ROWS`` rows where the activations are float32, the VNNI product for int8 GEMM."""
     if precision is Precision.AUTO:
         raise ValueError("resolve the precision first (resolve_precision)")
     if precision is Precision.INT8:
@@ -335,14 +378,19 @@ def apply_precision(model: nn.Module, precision: Precision, *, int8_decode_gemm:
     model.to(dense)
     if precision is Precision.INT8:
         # After the cast (which also cast the scales and the bfloat16 copy): the copy and scales as kernels want.
-        int8_gemm = int8_decode_gemm and device.type == "cpu" and int8_gemm_is_faster(dense)
+        own = int8_kernels_on and device.type == "cpu"
+        gemm = own and int8_kernels.gemm_available()
+        int8_gemm = int8_decode_gemm and device.type == "cpu" and int8_gemm_is_faster(dense, gemm)
+        matvec = own and dense == torch.float32 and int8_kernels.matvec_available()
         for module in model.modules():
             if isinstance(module, Int8Linear):
                 module.settle_dtypes(dense)
                 module.int8_gemm = int8_gemm
-        batches = "int8" if int8_gemm else str(dense)
+                module.bind_kernels(matvec=matvec, gemm=gemm and int8_gemm)
+        batches = ("int8 (int8_kernels.c)" if gemm else "int8 (torch._int_mm)") if int8_gemm else str(dense)
+        steps = "int8_kernels.c" if matvec else "_weight_int8pack_mm"
         log.info("int8: %d linear layers quantized; %s GEMM for forwards of many rows, %s GEMM for decode "
-                 "batches from %d rows", count, dense, batches, DENSE_FROM_ROWS)  # fmt: skip
+                 "batches from %d rows, %s below", count, dense, batches, DENSE_FROM_ROWS, steps)  # fmt: skip
     return model.eval()
 
 
@@ -370,12 +418,14 @@ def fastest_dense_dtype() -> torch.dtype:
 
 
 @functools.cache
-def int8_gemm_is_faster(dense: torch.dtype) -> bool:
-    """Whether int8 GEMM (:meth:`Int8Linear.int8_product`, quantizing the rows included) beats GEMM on the
-    ``dense`` copy for a decode batch: (32 x 576) @ (576 x 1536), the shape of SmolLM2's gate and up
-    projections, the median of 5 alternated rounds of 10 products each, ~30 ms. Timed once per process."""
+def int8_gemm_is_faster(dense: torch.dtype, own_kernel: bool = False) -> bool:
+    """Whether int8 GEMM (:meth:`Int8Linear.int8_product`, quantizing the rows included; on int8_kernels.c's
+    product where ``own_kernel``) beats GEMM on the ``dense`` copy for a decode batch: (32 x 576) @ (576 x 1536),
+    the shape of SmolLM2's gate and up projections, the median of 5 alternated rounds of 10 products each,
+    ~30 ms. Timed once per process."""
     generator = torch.Generator().manual_seed(0)
     lin = Int8Linear(torch.randn(1536, 576, generator=generator) * 0.02, None, dense_from_rows=1, dense_dtype=dense)
+    lin.bind_kernels(matvec=False, gemm=own_kernel)
     x = torch.randn(32, 1, 576, generator=generator).to(dense)  # the activations' dtype
     times: dict[bool, list[float]] = {True: [], False: []}
     with torch.inference_mode():
@@ -420,6 +470,15 @@ def calibrate_int8_gemm(model: nn.Module, samples: Sequence[Tensor]) -> int:
         smoothing = amax[id(module)].clamp(min=1e-5) ** SMOOTHING_ALPHA  # (K,)
         module.smooth(smoothing / smoothing.median())
     return len(smoothed)
+
+
+def decode_step_kernel(model: nn.Module) -> str:
+    """What a decode step of fewer than ``DENSE_FROM_ROWS`` rows multiplies by, for ``maskserve info``:
+    "int8_matvec" (int8_kernels.c's float32 product), "weight_only" (torch's kernel), or the model's float dtype."""
+    linear = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
+    if linear is None:
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    return "int8_matvec" if linear.matvec is not None else Kernel.WEIGHT_ONLY.value
 
 
 def decode_batch_kernel(model: nn.Module) -> str:

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Precision, Settings, load_settings
+from service.engine import int8_kernels
 from service.engine import precision as precision_mod
 from service.engine.fill.forward import forward_rows
 from service.engine.fill.search import Row
@@ -104,6 +105,162 @@ def test_a_cast_model_gets_its_kernels_dtypes_back() -> None:
     after = lin(x.float())
     assert after.dtype == torch.float32
     assert torch.equal(after.bfloat16(), before)
+
+
+# --- maskserve's own kernels (service/engine/int8_kernels.c) ------------------------------------------------------
+
+needs_matvec = pytest.mark.skipif(not int8_kernels.matvec_available(), reason="no C compiler or no AVX-512 here")
+needs_gemm = pytest.mark.skipif(not int8_kernels.gemm_available(), reason="no C compiler or no AVX-512 VNNI here")
+
+
+@needs_matvec
+@pytest.mark.parametrize(("out", "inp"), [(7, 16), (96, 64), (1029, 576)])
+def test_int8_matvec_is_the_float32_product_of_the_same_weights(out: int, inp: int) -> None:
+    """Any row count below the crossover, output channels not a multiple of the kernel's block of 4: the
+    product of the float32 rows by ``q * scale`` (float32 summation order only), plus the bias."""
+    w, b = _weights(out, inp)
+    lin = Int8Linear(w, b)
+    weights = int8_kernels.Int8Weights(lin.qweight, lin.scales, lin.bias)
+    torch.manual_seed(3)
+    for rows in (1, 2, 3, 4, 5, 8, 15):
+        x = torch.randn(rows, 1, inp)  # (B, 1, K): a decode step
+        got = weights(x)
+        assert got.dtype == torch.float32
+        assert got.shape == (rows, 1, out)
+        ref = x @ lin.dequantized(torch.float32).T + b  # (B, 1, O)
+        assert torch.allclose(got, ref, rtol=1e-5, atol=1e-5), (rows, (got - ref).abs().max())
+
+
+@needs_matvec
+def test_int8_matvec_computes_each_row_alone() -> None:
+    """Bit for bit, whatever rows share the call and wherever a row sits among them."""
+    lin = Int8Linear(*_weights(1029, 576))
+    weights = int8_kernels.Int8Weights(lin.qweight, lin.scales, None)
+    torch.manual_seed(4)
+    x = torch.randn(15, 576)
+    full = weights(x)  # (15, 1029)
+    for part in (x[:1], x[:3], x[4:9], x[14:], x[[2, 7, 11]]):
+        alone = torch.cat([weights(row[None]) for row in part])
+        assert torch.equal(weights(part), alone)
+    assert torch.equal(weights(x[5:6]), full[5:6])
+
+
+@needs_gemm
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_the_vnni_product_is_int8_gemms_numbers_bit_for_bit(smoothed: bool) -> None:
+    """int8_kernels.c's int8 GEMM against Int8Linear.int8_product's torch path (quantize_rows, torch._int_mm,
+    the rescale): the same float32 outputs exactly, for any row count, an all-zero row, large values, output
+    channels not a multiple of its 16, and a smoothed layer; each row alone as in a batch."""
+    torch.manual_seed(5)
+    for out, inp in [(7, 64), (1029, 576), (49, 1536)]:
+        lin = Int8Linear(torch.randn(out, inp) * 0.02, None, dense_from_rows=1)
+        if smoothed:
+            lin.smooth(torch.rand(inp) + 0.5)
+        for rows in (1, 3, 16, 33):
+            x = torch.randn(rows, inp) * 10
+            x[rows // 2] = 0.0
+            lin.bind_kernels(matvec=False, gemm=False)
+            expected = lin.int8_product(x)
+            lin.bind_kernels(matvec=False, gemm=True)
+            assert lin.gemm is not None
+            got = lin.int8_product(x)
+            assert torch.equal(got, expected), (out, inp, rows)
+            assert torch.equal(lin.int8_product(x[-1:]), got[-1:])
+
+
+@needs_matvec
+def test_int8_matvec_refuses_what_it_cannot_take() -> None:
+    """The C code trusts its pointers: every shape and dtype it could misread is refused in Python."""
+    lin = Int8Linear(*_weights())
+    with pytest.raises(ValueError, match="K % 16"):
+        int8_kernels.Int8Weights(torch.zeros(4, 20, dtype=torch.int8), torch.ones(4, dtype=torch.bfloat16), None)
+    with pytest.raises(ValueError, match="bfloat16 scales"):
+        int8_kernels.Int8Weights(lin.qweight, lin.scales.float(), None)
+    if int8_kernels.gemm_available():
+        with pytest.raises(ValueError, match="K % 64"):  # 96 x 64 fits; 32 columns do not
+            int8_kernels.Int8GemmWeights(lin.qweight[:, :32].contiguous(), lin.scales, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        int8_kernels.Int8Weights(lin.qweight, lin.scales[:5], None)
+    weights = int8_kernels.Int8Weights(lin.qweight, lin.scales, None)
+    with pytest.raises(ValueError, match="63 features"):
+        weights(torch.randn(1, 63))
+    assert torch.equal(weights(torch.ones(2, 64).bfloat16()), weights(torch.ones(2, 64)))  # cast, not misread
+
+
+@needs_matvec
+def test_decode_steps_of_float32_rows_run_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bound: float32 decode steps below the crossover run the kernel, not torch's; other dtypes and shapes
+    keep their kernels. Unbound: torch's."""
+    calls = count_rows(monkeypatch, "_weight_int8pack_mm")
+    w, b = _weights()
+    lin = Int8Linear(w, b, dense_from_rows=4)
+    lin.settle_dtypes(torch.float32)
+    lin.bind_kernels(matvec=True, gemm=False)
+    x = torch.randn(3, 1, 64)
+    bound = lin(x)
+    assert not calls
+    lin(x.bfloat16())  # bfloat16 rows: torch's kernel
+    assert calls == [3]
+    lin.bind_kernels(matvec=False, gemm=False)
+    unbound = lin(x)
+    assert calls == [3, 3]
+    # torch's kernel rounds the rows to bfloat16; the kernel keeps them float32: the two agree to that rounding.
+    assert (bound - unbound).abs().max() <= 2**-7 * unbound.abs().max()
+
+
+@needs_matvec
+def test_stacked_parts_are_bound_to_the_stacked_rows() -> None:
+    """Stacking (the fused step's qkv) re-binds every part to views of the stacked rows, so the kernel never
+    keeps the parts' former tensors alive, and the stacked product is the parts' side by side."""
+    parts = [Int8Linear(*_weights(out, 64)) for out in (32, 16, 16)]
+    for part in parts:
+        part.bind_kernels(matvec=True, gemm=int8_kernels.gemm_available())
+    whole = Int8Linear.stacked(parts)
+    assert whole.matvec is not None
+    start = whole.qweight.data_ptr()
+    for part in parts:
+        assert part.matvec is not None
+        assert start <= part.matvec.qweight.data_ptr() < start + whole.qweight.numel()
+        assert part.gemm is None  # its packed copy would be a second one: only the stacked module packs
+    assert (whole.gemm is not None) == int8_kernels.gemm_available()
+    x = torch.randn(2, 1, 64)
+    assert torch.equal(whole(x), torch.cat([p(x) for p in parts], dim=-1))
+    rows = torch.randn(5, 64)
+    assert torch.equal(whole.int8_product(rows), torch.cat([p.int8_product(rows) for p in parts], dim=-1))
+
+
+@pytest.mark.parametrize(("dense", "setting"), [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)])
+def test_int8_loads_the_kernel_where_the_activations_are_float32(
+    monkeypatch: pytest.MonkeyPatch, llama_settings: Settings, dense: torch.dtype, setting: bool
+) -> None:
+    """``maskserve info`` says which kernel a decode step runs: int8_kernels.c's float32 product where the
+    activations are float32 and it builds here (``MASKSERVE_INT8_KERNELS`` on), else torch's weight-only
+    kernel."""
+    monkeypatch.setattr(precision_mod, "fastest_dense_dtype", lambda: dense)
+    loaded = load_model(_settings(llama_settings, "int8").model_copy(update={"int8_kernels": setting}))
+    on = dense == torch.float32 and setting and int8_kernels.matvec_available()
+    assert loaded.describe()["decode_step_kernel"] == ("int8_matvec" if on else "weight_only")
+    assert load_model(_settings(llama_settings, "float32")).describe()["decode_step_kernel"] == "float32"
+
+
+def _clear_kernel_caches() -> None:
+    for cached in (int8_kernels._library, int8_kernels._matvec, int8_kernels._gemm):
+        cached.cache_clear()
+
+
+def test_without_a_compiler_int8_keeps_torchs_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C compiler: the kernels are not available (logged, no error), and binding them is refused."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(int8_kernels.shutil, "which", lambda _name: None)
+    lin = Int8Linear(*_weights())
+    _clear_kernel_caches()
+    try:
+        assert not int8_kernels.matvec_available()
+        assert not int8_kernels.gemm_available()
+        with pytest.raises(RuntimeError, match="not available"):
+            int8_kernels.Int8Weights(lin.qweight, lin.scales, None)
+    finally:
+        _clear_kernel_caches()  # the next caller builds it again
 
 
 def test_fastest_dense_dtype_is_one_of_the_two() -> None:
@@ -214,7 +371,7 @@ def test_an_int8_gemm_model_is_calibrated_at_load(monkeypatch: pytest.MonkeyPatc
     """Where int8 GEMM is chosen, loading smooths every Int8Linear from service/data/int8_calibration.txt, and
     the layers the fused step stacks (they read one input) got one smoothing; where it is not, none is kept."""
     for faster in (True, False):
-        monkeypatch.setattr(precision_mod, "int8_gemm_is_faster", lambda dense, f=faster: f)
+        monkeypatch.setattr(precision_mod, "int8_gemm_is_faster", lambda *_, f=faster: f)
         loaded = load_model(_settings(llama_settings, "int8"))
         net = loaded.generation_model
         assert net is not None
@@ -459,14 +616,35 @@ def int8_gemm_batch(llama_settings: Settings) -> tuple[LoadedModel, ModelVocab, 
     return loaded, vocab, DecodeBatch.serving(loaded, vocab)
 
 
+@pytest.mark.parametrize("implementation", ["torch", pytest.param("int8_kernels", marks=needs_gemm)])
 @pytest.mark.parametrize("check", ["changing_batch", "masked_rows", "steering"])
 def test_int8_gemm_keeps_outputs_alone_or_in_a_batch(
-    int8_gemm_batch: tuple[LoadedModel, ModelVocab, DecodeBatch], check: str, monkeypatch: pytest.MonkeyPatch
+    int8_gemm_batch: tuple[LoadedModel, ModelVocab, DecodeBatch],
+    check: str,
+    implementation: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Int8 GEMM computes a row alone, bit for bit (its scale is the row's own): generation alone and in a
-    changing batch, masked rows, and steering = masks are exact on it, as on the weight-only kernel."""
+    changing batch, masked rows, and steering = masks are exact on it, as on the weight-only kernel; on
+    torch._int_mm and on int8_kernels.c's VNNI product alike."""
     loaded, vocab, batch = int8_gemm_batch
-    calls = count_rows(monkeypatch, "_int_mm")
+    assert loaded.generation_model is not None
+    assert loaded.decoder is not None
+    fused = [m for layer in loaded.decoder.layers for m in (layer.qkv, layer.gate_up)]  # the stacked ones
+    for module in [*loaded.generation_model.modules(), *fused]:
+        if isinstance(module, Int8Linear):
+            module.bind_kernels(matvec=False, gemm=implementation == "int8_kernels")
+    if implementation == "torch":
+        calls = count_rows(monkeypatch, "_int_mm")
+    else:
+        calls = []
+        real = int8_kernels.Int8GemmWeights.__call__
+
+        def counting(self: int8_kernels.Int8GemmWeights, x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.numel() // x.shape[-1])
+            return real(self, x)
+
+        monkeypatch.setattr(int8_kernels.Int8GemmWeights, "__call__", counting)
     if check == "changing_batch":
         test_generate_engine.test_same_output_alone_or_in_a_changing_batch(loaded, vocab, batch, {})
     elif check == "masked_rows":
@@ -478,6 +656,47 @@ def test_int8_gemm_keeps_outputs_alone_or_in_a_batch(
         test_generate_engine.check_emphasis_on_chosen_layers_and_heads(loaded, vocab, batch, tolerance=1e-4)
     assert 1 in calls  # decode steps of one row and of several ran int8 GEMM
     assert max(calls) > 1
+
+
+@pytest.fixture(scope="module")
+def int8_matvec_batch(llama_settings: Settings) -> tuple[LoadedModel, ModelVocab, DecodeBatch]:
+    """The int8 model with float32 activations, so its decode steps run int8_matvec.c whatever this CPU's
+    timing chose."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(precision_mod, "fastest_dense_dtype", lambda: torch.float32)
+        loaded = load_model(_settings(llama_settings, "int8"))
+    assert loaded.describe()["decode_step_kernel"] == "int8_matvec"
+    vocab = ModelVocab.build(loaded, grammar_cache_size=8)
+    return loaded, vocab, DecodeBatch.serving(loaded, vocab)
+
+
+@needs_matvec
+@pytest.mark.parametrize("check", ["changing_batch", "masked_rows", "steering", "transformers"])
+def test_int8_matvec_keeps_outputs_alone_or_in_a_batch(
+    int8_matvec_batch: tuple[LoadedModel, ModelVocab, DecodeBatch], check: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The float32 decode-step kernel computes a row alone, bit for bit: generation alone and in a changing
+    batch, masked rows and steering = masks are exact on it, and greedy decoding is transformers' own on the
+    same weights (whose forward runs the same Int8Linear)."""
+    loaded, vocab, batch = int8_matvec_batch
+    calls: list[int] = []
+    real = int8_kernels.Int8Weights.__call__
+
+    def counting(self: int8_kernels.Int8Weights, x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.numel() // x.shape[-1])
+        return real(self, x)
+
+    monkeypatch.setattr(int8_kernels.Int8Weights, "__call__", counting)
+    if check == "changing_batch":
+        test_generate_engine.test_same_output_alone_or_in_a_changing_batch(loaded, vocab, batch, {})
+    elif check == "masked_rows":
+        test_generate_engine.test_masked_rows_are_the_same_alone_or_batched(loaded, vocab, batch)
+    elif check == "steering":
+        test_generate_engine.test_emphasis_on_chosen_layers_and_heads(loaded, vocab, batch)
+    else:
+        test_generate_engine.test_greedy_matches_transformers_generate(loaded, vocab, batch)
+    assert 1 in calls  # decode steps of one row ran the kernel
+    assert check == "transformers" or max(calls) > 1  # and of several
 
 
 @pytest.mark.parametrize(
