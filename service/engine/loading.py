@@ -305,8 +305,8 @@ def load_model(settings: Settings) -> LoadedModel:
         if decode_batch_kernel(gen) == Kernel.INT8_GEMM:
             calibrate_int8_gemm(gen, calibration_samples(tokenizer, gen))
     if fill is not None and fill is not gen:
-        apply_precision(fill, fill_precision, int8_decode_gemm=settings.int8_decode_gemm,
-                        int8_kernels_on=settings.int8_kernels)  # fmt: skip
+        # It never decodes: no int8 GEMM nor decode-step kernels (the VNNI product would pack a copy for nothing).
+        apply_precision(fill, fill_precision, int8_decode_gemm=False, int8_kernels_on=False)
     precision = gen_precision if gen is not None else fill_precision
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token is not None else None
     assert mask_id is None or isinstance(mask_id, int)

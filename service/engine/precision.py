@@ -123,7 +123,7 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
 class Kernel(StrEnum):
     """Which product an :class:`Int8Linear` runs for an input (:meth:`Int8Linear.kernel`)."""
 
-    WEIGHT_ONLY = "weight_only"  # torch._weight_int8pack_mm: int8 weights, bfloat16 activations
+    WEIGHT_ONLY = "weight_only"  # int8 weights, float rows: torch._weight_int8pack_mm or int8_kernels.c
     INT8_GEMM = "int8_gemm"  # torch._int_mm: int8 weights, int8 activations with a scale a row
     DENSE = "dense"  # GEMM on the de-quantized copy (bfloat16 or float32)
 

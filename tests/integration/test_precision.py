@@ -280,6 +280,21 @@ def count_rows(monkeypatch: pytest.MonkeyPatch, kernel: str) -> list[int]:
     return calls
 
 
+def count_kernel_rows(
+    monkeypatch: pytest.MonkeyPatch, bound: type[int8_kernels.Int8Weights | int8_kernels.Int8GemmWeights]
+) -> list[int]:
+    """Record the rows of every call of one of int8_kernels.py's bound products (still computed)."""
+    calls: list[int] = []
+    real = bound.__call__
+
+    def counting(self: Any, x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.numel() // x.shape[-1])
+        return real(self, x)
+
+    monkeypatch.setattr(bound, "__call__", counting)
+    return calls
+
+
 def test_dispatch_picks_the_kernel_by_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = count_rows(monkeypatch, "_weight_int8pack_mm")
     w, b = _weights()
@@ -637,14 +652,7 @@ def test_int8_gemm_keeps_outputs_alone_or_in_a_batch(
     if implementation == "torch":
         calls = count_rows(monkeypatch, "_int_mm")
     else:
-        calls = []
-        real = int8_kernels.Int8GemmWeights.__call__
-
-        def counting(self: int8_kernels.Int8GemmWeights, x: torch.Tensor) -> torch.Tensor:
-            calls.append(x.numel() // x.shape[-1])
-            return real(self, x)
-
-        monkeypatch.setattr(int8_kernels.Int8GemmWeights, "__call__", counting)
+        calls = count_kernel_rows(monkeypatch, int8_kernels.Int8GemmWeights)
     if check == "changing_batch":
         test_generate_engine.test_same_output_alone_or_in_a_changing_batch(loaded, vocab, batch, {})
     elif check == "masked_rows":
@@ -679,14 +687,7 @@ def test_int8_matvec_keeps_outputs_alone_or_in_a_batch(
     batch, masked rows and steering = masks are exact on it, and greedy decoding is transformers' own on the
     same weights (whose forward runs the same Int8Linear)."""
     loaded, vocab, batch = int8_matvec_batch
-    calls: list[int] = []
-    real = int8_kernels.Int8Weights.__call__
-
-    def counting(self: int8_kernels.Int8Weights, x: torch.Tensor) -> torch.Tensor:
-        calls.append(x.numel() // x.shape[-1])
-        return real(self, x)
-
-    monkeypatch.setattr(int8_kernels.Int8Weights, "__call__", counting)
+    calls = count_kernel_rows(monkeypatch, int8_kernels.Int8Weights)
     if check == "changing_batch":
         test_generate_engine.test_same_output_alone_or_in_a_changing_batch(loaded, vocab, batch, {})
     elif check == "masked_rows":
