@@ -13,15 +13,18 @@ both over the very int8 weights and bfloat16 scales it holds:
 
 docs/generation.md ("Issue 13's eighth round") measures them. They are C, not a torch extension: no torch
 headers, so the system C compiler builds them in under a second, once per process, into a private temporary
-directory (nothing is cached on disk that another user could replace). Without a compiler (``cc``, or ``$CC``),
-off x86-64, or on a CPU without the instructions, ``*_available()`` is False and Int8Linear keeps torch's
-kernels: slower there, never wrong.
+directory (nothing is cached on disk that another user could replace). An installation without a compiler at
+run time builds them ahead instead, next to this file (``python -m service.engine.int8_kernels``, as the
+container image's build stage does): :func:`prebuilt_path` names the library by a digest of the source, so a
+stale one is never loaded. Without either (no ``cc`` nor ``$CC``), off x86-64, or on a CPU without the
+instructions, ``*_available()`` is False and Int8Linear keeps torch's kernels: slower there, never wrong.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import platform
@@ -42,22 +45,40 @@ MATVEC_K_MULTIPLE = 16  # the float32 product reads K in vectors of 16 weights
 GEMM_K_MULTIPLE = 64  # the VNNI product, of 64
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """int8_kernels.c built and loaded, or None (logged once) where it cannot be built here."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
+FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi"]
+
+
+def prebuilt_path() -> Path:
+    """Where an installation may keep the library built ahead of time (the container image does: it has no
+    compiler at run time), named by a digest of the source and flags, so a stale build is never loaded."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return SOURCE.with_name(f"int8_kernels-{digest}.so")
+
+
+def build(target: Path) -> None:
+    """Compile int8_kernels.c into ``target`` with the system C compiler. Raises OSError or
+    subprocess.SubprocessError (the compiler's output in ``stderr``) where it cannot."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("int8: no C compiler (cc); decode steps keep torch's kernels")
+        raise FileNotFoundError("no C compiler (cc, gcc or $CC)")
+    # -fopenmp links libgomp.so.1, which torch has loaded already: the kernels share torch's OpenMP runtime and
+    # threads (a second runtime would be a second team of threads on the same cores).
+    command = [compiler, *FLAGS, str(SOURCE), "-o", str(target), "-lm"]
+    subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """int8_kernels.c loaded (prebuilt where installed so, else built now), or None (logged once)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
+    prebuilt = prebuilt_path()
+    if prebuilt.is_file():
+        return ctypes.CDLL(str(prebuilt))
     with tempfile.TemporaryDirectory(prefix="maskserve-kernels-") as tmp:
         built = Path(tmp) / "int8_kernels.so"
-        command = [compiler, "-O3", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi", str(SOURCE), "-o", str(built), "-lm"]
         try:
-            # -fopenmp links libgomp.so.1, which torch has loaded already: the kernels share torch's OpenMP
-            # runtime and threads (a second runtime would be a second team of threads on the same cores).
-            subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
+            build(built)
             return ctypes.CDLL(str(built))  # mapped: it stays loaded once the directory is gone
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", None) or exc
@@ -194,3 +215,8 @@ class Int8GemmWeights:
         if status != 0:
             raise MemoryError("int8 GEMM: no memory for the quantized rows")
         return out
+
+
+if __name__ == "__main__":  # python -m service.engine.int8_kernels: build ahead of time, next to the source
+    build(prebuilt_path())
+    print(prebuilt_path())

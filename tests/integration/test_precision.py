@@ -12,6 +12,7 @@ roundings (checked below), as float32 GEMM does at its own resolution.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,29 @@ def test_int8_loads_the_kernel_where_the_activations_are_float32(
     assert load_model(_settings(llama_settings, "float32")).describe()["decode_step_kernel"] == "float32"
 
 
+def test_a_prebuilt_library_is_loaded_and_named_by_its_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``python -m service.engine.int8_kernels`` (the image's build stage) leaves a library the loader takes
+    without a compiler; its name carries a digest of the source, so an edited source never loads an old one."""
+    source = tmp_path / "int8_kernels.c"
+    source.write_bytes(int8_kernels.SOURCE.read_bytes())
+    monkeypatch.setattr(int8_kernels, "SOURCE", source)
+    path = int8_kernels.prebuilt_path()
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler to build the library with")
+    int8_kernels.build(path)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(int8_kernels.shutil, "which", lambda _name: None)  # no compiler from here on
+    _clear_kernel_caches()
+    try:
+        assert int8_kernels._library() is not None
+        source.write_bytes(source.read_bytes() + b"\n/* edited */\n")
+        assert int8_kernels.prebuilt_path() != path  # the old build no longer answers to this source
+        _clear_kernel_caches()
+        assert int8_kernels._library() is None
+    finally:
+        _clear_kernel_caches()
+
+
 def _clear_kernel_caches() -> None:
     for cached in (int8_kernels._library, int8_kernels._matvec, int8_kernels._gemm):
         cached.cache_clear()
@@ -252,6 +276,7 @@ def test_without_a_compiler_int8_keeps_torchs_kernels(monkeypatch: pytest.Monkey
     """No C compiler: the kernels are not available (logged, no error), and binding them is refused."""
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(int8_kernels.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(int8_kernels, "prebuilt_path", lambda: Path("/nonexistent/int8_kernels.so"))
     lin = Int8Linear(*_weights())
     _clear_kernel_caches()
     try:
