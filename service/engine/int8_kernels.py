@@ -209,6 +209,8 @@ class Int8GemmWeights:
         x = _rows(x, self.in_features, torch.float32)
         count = x.numel() // self.in_features
         out = torch.empty(count, self.out_features, dtype=torch.float32)  # (N, O)
+        if count == 0:
+            return out
         smoothing, packed, sums, scales = self.pointers
         status = self.kernel(x.data_ptr(), smoothing, packed, sums, scales, out.data_ptr(), count,
                              self.out_features, self.in_features, torch.get_num_threads())  # fmt: skip

@@ -167,6 +167,8 @@ def test_the_vnni_product_is_int8_gemms_numbers_bit_for_bit(smoothed: bool) -> N
             got = lin.int8_product(x)
             assert torch.equal(got, expected), (out, inp, rows)
             assert torch.equal(lin.int8_product(x[-1:]), got[-1:])
+        assert lin.gemm is not None
+        assert lin.gemm(torch.empty(0, inp)).shape == (0, out)  # no rows: nothing to quantize or multiply
 
 
 @needs_matvec
