@@ -43,8 +43,6 @@ log = logging.getLogger("maskserve.precision")
 SOURCE = Path(__file__).with_suffix(".c")
 MATVEC_K_MULTIPLE = 16  # the float32 product reads K in vectors of 16 weights
 GEMM_K_MULTIPLE = 64  # the VNNI product, of 64
-
-
 FLAGS = ["-O3", "-shared", "-fPIC", "-fopenmp", "-Wno-psabi"]
 
 
@@ -74,7 +72,10 @@ def _library() -> ctypes.CDLL | None:
         return None
     prebuilt = prebuilt_path()
     if prebuilt.is_file():
-        return ctypes.CDLL(str(prebuilt))
+        try:
+            return ctypes.CDLL(str(prebuilt))
+        except OSError as exc:  # unreadable or for another machine: build one instead
+            log.warning("int8: cannot load %s (%s); building the kernels", prebuilt, exc)
     with tempfile.TemporaryDirectory(prefix="maskserve-kernels-") as tmp:
         built = Path(tmp) / "int8_kernels.so"
         try:

@@ -265,6 +265,9 @@ def test_a_prebuilt_library_is_loaded_and_named_by_its_source(monkeypatch: pytes
         assert int8_kernels.prebuilt_path() != path  # the old build no longer answers to this source
         _clear_kernel_caches()
         assert int8_kernels._library() is None
+        int8_kernels.prebuilt_path().write_bytes(b"not a library")  # unloadable: built anew, or torch's kernels
+        _clear_kernel_caches()
+        assert int8_kernels._library() is None  # (no compiler here)
     finally:
         _clear_kernel_caches()
 
