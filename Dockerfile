@@ -34,10 +34,13 @@ COPY pyproject.toml ./
 COPY service ./service
 RUN pip install --no-cache-dir /src
 # maskserve's int8 CPU kernels, built here: the runtime stage has no C compiler (service/engine/int8_kernels.py
-# loads this prebuilt library; `cd /` so the installed package is the one built into). Where apt cannot reach a
-# mirror the image still builds, on torch's kernels.
+# loads this prebuilt library; from / so the installed package is the one built into). Where apt cannot reach a
+# mirror the image still builds, on torch's kernels. gcc unpinned: it only builds, in a stage that is discarded,
+# and its version is whatever the base's Debian release ships.
+WORKDIR /
+# hadolint ignore=DL3008
 RUN (apt-get update -q && apt-get install -y -q --no-install-recommends gcc libc6-dev \
-     && cd / && python -m service.engine.int8_kernels) \
+     && python -m service.engine.int8_kernels) \
     || echo "no C compiler in the build stage: int8 decode steps will run torch's kernels"
 
 FROM ${BASE_IMAGE} AS runtime
