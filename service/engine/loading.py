@@ -42,10 +42,8 @@ from transformers import (  # noqa: E402
 from service.config import BUNDLED_MODEL, NO_ADAPTER, SHIPPED_ADAPTER, ConfigError, Device, Precision, Settings
 from service.engine.fused_decoder import FusedDecoder, fused_decoder
 from service.engine.precision import (
-    Kernel,
     activation_dtype,
     apply_precision,
-    calibrate_int8_gemm,
     decode_batch_kernel,
     decode_step_kernel,
     resolve_precision,
@@ -301,9 +299,8 @@ def load_model(settings: Settings) -> LoadedModel:
     # After the merge, so a LoRA delta is quantized together with its base weights; each served model once.
     if gen is not None:
         apply_precision(gen, gen_precision, int8_decode_gemm=settings.int8_decode_gemm,
-                        int8_kernels_on=settings.int8_kernels)  # fmt: skip
-        if decode_batch_kernel(gen) == Kernel.INT8_GEMM:
-            calibrate_int8_gemm(gen, calibration_samples(tokenizer, gen))
+                        int8_kernels_on=settings.int8_kernels,
+                        calibration=lambda: calibration_samples(tokenizer, gen))  # fmt: skip
     if fill is not None and fill is not gen:
         # It never decodes: no int8 GEMM nor decode-step kernels (the VNNI product would pack a copy for nothing).
         apply_precision(fill, fill_precision, int8_decode_gemm=False, int8_kernels_on=False)

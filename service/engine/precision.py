@@ -56,7 +56,7 @@ import functools
 import logging
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -359,14 +359,21 @@ def quantize_int8(model: nn.Module, *, dense_from_rows: int | None = DENSE_FROM_
 
 
 def apply_precision(
-    model: nn.Module, precision: Precision, *, int8_decode_gemm: bool = True, int8_kernels_on: bool = True
+    model: nn.Module,
+    precision: Precision,
+    *,
+    int8_decode_gemm: bool = True,
+    int8_kernels_on: bool = True,
+    calibration: Callable[[], Sequence[Tensor]] | None = None,
 ) -> nn.Module:
     """Cast (and for int8, quantize) a loaded model in place; ``precision`` is resolved (not ``auto``).
 
     ``int8_decode_gemm``: int8 decode batches of ``DENSE_FROM_ROWS`` rows or more may run int8 GEMM, and do
     where this CPU runs it faster than the dense copy (:func:`int8_gemm_is_faster`). ``int8_kernels_on``:
     maskserve's kernels (service/engine/int8_kernels.py) where they build here: the float32 product for decode
-    steps below ``DENSE_FROM_ROWS`` rows where the activations are float32, the VNNI product for int8 GEMM."""
+    steps below ``DENSE_FROM_ROWS`` rows where the activations are float32, the VNNI product for int8 GEMM.
+    ``calibration``: the samples :func:`calibrate_int8_gemm` smooths int8 GEMM from, where it is chosen; before
+    the VNNI product packs its weights, so they are packed once, smoothed."""
     if precision is Precision.AUTO:
         raise ValueError("resolve the precision first (resolve_precision)")
     if precision is Precision.INT8:
@@ -382,11 +389,14 @@ def apply_precision(
         gemm = own and int8_kernels.gemm_available()
         int8_gemm = int8_decode_gemm and device.type == "cpu" and int8_gemm_is_faster(dense, gemm)
         matvec = own and dense == torch.float32 and int8_kernels.matvec_available()
-        for module in model.modules():
-            if isinstance(module, Int8Linear):
-                module.settle_dtypes(dense)
-                module.int8_gemm = int8_gemm
-                module.bind_kernels(matvec=matvec, gemm=gemm and int8_gemm)
+        linears = [module for module in model.modules() if isinstance(module, Int8Linear)]
+        for module in linears:
+            module.settle_dtypes(dense)
+            module.int8_gemm = int8_gemm
+        if int8_gemm and calibration is not None:
+            calibrate_int8_gemm(model, calibration())
+        for module in linears:
+            module.bind_kernels(matvec=matvec, gemm=gemm and int8_gemm)
         batches = ("int8 (int8_kernels.c)" if gemm else "int8 (torch._int_mm)") if int8_gemm else str(dense)
         steps = "int8_kernels.c" if matvec else "_weight_int8pack_mm"
         log.info("int8: %d linear layers quantized; %s GEMM for forwards of many rows, %s GEMM for decode "
