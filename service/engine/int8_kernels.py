@@ -179,7 +179,7 @@ class Int8Weights:
 
 class Int8GemmWeights:
     """One layer's int8 weights bound to the VNNI product: float32 rows -> :meth:`Int8Linear.int8_product`'s
-    output exactly (each row divided by ``smoothing`` where given, quantized with its own scale as
+    output exactly (each row divided by ``smoothing`` where given (times its reciprocals), quantized with its own scale as
     ``quantize_rows`` does, exact int32 sums, ``(sum * row scale) * channel scale``).
 
     Packs the weights once, for the kernel (16 channels x 4 k a vector): a second int8 copy of them, the same
@@ -197,12 +197,13 @@ class Int8GemmWeights:
         self.out_features, self.in_features = int(qweight.shape[0]), int(qweight.shape[1])
         if smoothing is not None and smoothing.shape != (self.in_features,):
             raise ValueError(f"int8 kernels: smoothing {tuple(smoothing.shape)} does not fit (K,)")
-        self.smoothing = None if smoothing is None else _rows(smoothing, self.in_features, torch.float32)
+        # The kernel multiplies by the reciprocals, as Int8Linear.int8_product does: the same float32 values.
+        self.inv_smoothing = None if smoothing is None else _rows(1.0 / smoothing, self.in_features, torch.float32)
         blocks = -(-self.out_features // 16)
         self.packed = torch.empty(blocks * 16 * self.in_features, dtype=torch.int8)  # (ceil(O/16), K/4, 16, 4)
         pack(qweight.data_ptr(), self.packed.data_ptr(), self.out_features, self.in_features)
         self.qsum = qweight.sum(dim=1, dtype=torch.int32)  # (O,): the kernel's correction for x + 128
-        smoothing_pointer = None if self.smoothing is None else self.smoothing.data_ptr()
+        smoothing_pointer = None if self.inv_smoothing is None else self.inv_smoothing.data_ptr()
         self.pointers = (smoothing_pointer, self.packed.data_ptr(), self.qsum.data_ptr(), self.scales.data_ptr())
 
     def __call__(self, x: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ from service.engine.precision import (
     apply_precision,
     decode_batch_kernel,
     decode_step_kernel,
+    many_rows_kernel,
     resolve_precision,
 )
 from service.engine.steering import enable_steering
@@ -128,6 +129,7 @@ class LoadedModel:
             "dtype": str(self.dtype).removeprefix("torch."),
             "precision": self.precision.value,
             "fill_mask_precision": (self.fill_mask_precision or self.precision).value,
+            "fill_mask_kernel": many_rows_kernel(self.fill_mask_model) if self.fill_mask_model else None,
             "decode": "fused" if self.decoder is not None else "transformers",
             "decode_step_kernel": decode_step_kernel(self.generation_model) if self.generation_model else None,
             "decode_batch_kernel": decode_batch_kernel(self.generation_model) if self.generation_model else None,
@@ -264,7 +266,7 @@ def load_model(settings: Settings) -> LoadedModel:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     gen_precision = resolve_precision(settings.precision, device)
-    fill_precision = resolve_precision(settings.precision, device, many_rows=True)
+    fill_precision = resolve_precision(settings.precision, device, many_rows=True, own_kernels=settings.int8_kernels)
     # int8 quantizes from the float32 weights, and two precisions start from float32; otherwise load in the one.
     both = {gen_precision, fill_precision}
     one = activation_dtype(gen_precision, device)
@@ -302,8 +304,9 @@ def load_model(settings: Settings) -> LoadedModel:
                         int8_kernels_on=settings.int8_kernels,
                         calibration=lambda: calibration_samples(tokenizer, gen))  # fmt: skip
     if fill is not None and fill is not gen:
-        # It never decodes: no int8 GEMM nor decode-step kernels (the VNNI product would pack a copy for nothing).
-        apply_precision(fill, fill_precision, int8_decode_gemm=False, int8_kernels_on=False)
+        # It never decodes: int8 GEMM for every forward where that is faster here, no decode-step kernel.
+        apply_precision(fill, fill_precision, int8_every_forward=True, int8_kernels_on=settings.int8_kernels,
+                        calibration=lambda: calibration_samples(tokenizer, fill))  # fmt: skip
     precision = gen_precision if gen is not None else fill_precision
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token is not None else None
     assert mask_id is None or isinstance(mask_id, int)

@@ -43,7 +43,13 @@ row's and the output channel's scales. Where this CPU runs that faster than the 
 Integer sums are exact and each row has its own scale, so a row's output does not depend on the rows beside
 it, bit for bit (a per-tensor scale, as torch's dynamic quantization uses, would let one request's activations
 round another's). It rounds each activation to 1/254 of its row's largest: docs/generation.md ("Precision")
-has its quality guard. Multi-token forwards (prefill, fill-mask) never take it.
+has its quality guard. Prefill never takes it (:meth:`Int8Linear.kernel`).
+
+**Int8 GEMM for every forward of a model that never decodes** (the fill-mask model). Its forwards all have
+many rows, where the weight-only kernel never runs; int8 GEMM computes each row alone, bit for bit, so every
+forward of it (the body's ``(B, T, K)``, the head's gathered ``(R, K)``) may take it without a request's scores
+ever depending on the requests beside it. It does where this CPU runs it faster than the dense copy at many
+rows (:func:`int8_gemm_is_faster` at ``FILL_ROWS``), and then holds no dense copy (2 bytes a weight less, or 4).
 
 Masks and logits need nothing here: the engine builds 4D masks in the model's parameter dtype
 (``next(model.parameters()).dtype`` — the float embeddings come first) and casts logits to float32
@@ -72,6 +78,9 @@ WEIGHT_ONLY_DTYPE = torch.bfloat16  # torch's CPU weight-only kernels are vector
 # At and above this many rows an Int8Linear runs dense GEMM on its de-quantized copy (measured crossover:
 # bench/int8_crossover.py, docs/generation.md "Precision").
 DENSE_FROM_ROWS = 16
+# The rows int8 GEMM is timed at for a model whose every forward has many rows (a fill-mask batch: 32 requests
+# of ~16 tokens).
+FILL_ROWS = 512
 # torch 2.13's CPU _weight_int8pack_mm crashes (segfault, no error) unless in_features is a multiple of 16.
 INT8_K_MULTIPLE = 16
 FLOAT_DTYPES = {
@@ -81,19 +90,25 @@ FLOAT_DTYPES = {
 }
 
 
-def resolve_precision(precision: Precision, device: torch.device, *, many_rows: bool = False) -> Precision:
+def resolve_precision(
+    precision: Precision, device: torch.device, *, many_rows: bool = False, own_kernels: bool = True
+) -> Precision:
     """``auto``: bfloat16 on CUDA; on CPU int8 weight-only (fastest at decoding, docs/generation.md).
 
     ``many_rows``: for a model whose every forward has many rows (the fill-mask model). Such forwards never run
-    the int8 kernel, only the de-quantized copy, so on a CPU where float32 GEMM is the faster one
-    (:func:`fastest_dense_dtype`) int8 would be float32 GEMM on rounded weights: ``auto`` is float32 there.
+    the weight-only kernel: under int8 they run int8 GEMM where that is faster, else the de-quantized copy. On
+    a CPU where float32 GEMM is the faster dense one (:func:`fastest_dense_dtype`) and int8 GEMM is not faster
+    still, int8 would be float32 GEMM on rounded weights: ``auto`` is float32 there. ``own_kernels``: int8 GEMM
+    may run int8_kernels.c's product (``MASKSERVE_INT8_KERNELS``).
     """
     if precision is not Precision.AUTO:
         return precision
     if device.type == "cuda":
         return Precision.BFLOAT16
-    if many_rows and fastest_dense_dtype() == torch.float32:
-        return Precision.FLOAT32
+    dense = fastest_dense_dtype()
+    if many_rows and dense == torch.float32:
+        own = own_kernels and int8_kernels.gemm_available()
+        return Precision.INT8 if int8_gemm_is_faster(dense, own, rows=FILL_ROWS) else Precision.FLOAT32
     return Precision.INT8
 
 
@@ -135,7 +150,8 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     x = x.float()  # (N, K)
     scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0  # (N, 1)
-    return torch.round(x / scale).clamp(-127, 127).to(torch.int8), scale
+    # Times the reciprocal rather than divided, as int8_kernels.c does (bit for bit): a multiply is cheaper.
+    return torch.round(x * (1.0 / scale)).clamp(-127, 127).to(torch.int8), scale
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:
@@ -173,6 +189,7 @@ class Int8Linear(nn.Module):
         dense = self.dequantized(dense_dtype) if dense_from_rows is not None else None
         self.register_buffer("dense", dense)  # (O, K) bfloat16 or float32 (the activations' dtype)
         self.int8_gemm = False  # decode batches of dense_from_rows rows or more: int8 GEMM (set at load)
+        self.int8_every_forward = False  # every forward: int8 GEMM (a model that never decodes; set at load)
         # maskserve's kernels (int8_kernels.c), bound at load where they build here (:meth:`bind_kernels`):
         # ``matvec`` for decode steps below dense_from_rows with float32 rows, ``gemm`` for int8 GEMM. Plain
         # attributes, not buffers: they are read ~120 times a decode step.
@@ -207,7 +224,7 @@ class Int8Linear(nn.Module):
         nn.Module.__init__(out)
         out.in_features, out.out_features = first.in_features, sum(p.out_features for p in parts)
         out.dense_from_rows = first.dense_from_rows
-        out.int8_gemm = first.int8_gemm
+        out.int8_gemm, out.int8_every_forward = first.int8_gemm, first.int8_every_forward
         out.matvec, out.gemm = None, None
         out.register_buffer("smoothing", first.smoothing)  # (K,): the parts' one input
         for name in ("qweight", "scales", "bias", "dense", "gemm_qweight", "gemm_scales"):
@@ -263,7 +280,8 @@ class Int8Linear(nn.Module):
         self.gemm = int8_kernels.Int8GemmWeights(weights, scales, self.smoothing) if gemm and fits else None
 
     def kernel(self, shape: tuple[int, ...] | torch.Size) -> Kernel:
-        """Which product an input of ``shape`` runs.
+        """Which product an input of ``shape`` runs: int8 GEMM for every input where ``int8_every_forward``
+        (a model that never decodes), else by the shape.
 
         A decode step, ``(B, 1, K)``, dispatches by its rows B: the weight-only int8 kernel below
         ``dense_from_rows``, from there int8 GEMM (where ``int8_gemm`` is set) or the dense copy. Every other
@@ -275,6 +293,8 @@ class Int8Linear(nn.Module):
         (tests/integration/test_precision.py). Only decode batches of ``dense_from_rows`` rows or more change
         kernel.
         """
+        if self.int8_every_forward:
+            return Kernel.INT8_GEMM
         if self.dense_from_rows is None:
             return Kernel.WEIGHT_ONLY
         if len(shape) == 3 and shape[1] == 1:
@@ -314,7 +334,8 @@ class Int8Linear(nn.Module):
         if self.smoothing is not None:
             assert self.gemm_qweight is not None
             assert self.gemm_scales is not None
-            x, weights, scales = x / self.smoothing, self.gemm_qweight, self.gemm_scales
+            # times the reciprocals, as the VNNI product does (the same float32 values)
+            x, weights, scales = x * (1.0 / self.smoothing), self.gemm_qweight, self.gemm_scales
         q, row_scale = quantize_rows(x)  # (N, K) int8, (N, 1)
         sums = torch._int_mm(q, weights.t())  # (N, O) int32, exact: |sum| <= 127 * 127 * K < 2^31
         return sums.float() * row_scale * scales.float()  # (N, O)
@@ -333,6 +354,7 @@ class Int8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"dense_from_rows={self.dense_from_rows}, int8_gemm={self.int8_gemm}, "
+            f"int8_every_forward={self.int8_every_forward}, "
             f"kernels={'maskserve' if self.matvec or self.gemm else 'torch'}"
         )
 
@@ -363,13 +385,16 @@ def apply_precision(
     precision: Precision,
     *,
     int8_decode_gemm: bool = True,
+    int8_every_forward: bool = False,
     int8_kernels_on: bool = True,
     calibration: Callable[[], Sequence[Tensor]] | None = None,
 ) -> nn.Module:
     """Cast (and for int8, quantize) a loaded model in place; ``precision`` is resolved (not ``auto``).
 
     ``int8_decode_gemm``: int8 decode batches of ``DENSE_FROM_ROWS`` rows or more may run int8 GEMM, and do
-    where this CPU runs it faster than the dense copy (:func:`int8_gemm_is_faster`). ``int8_kernels_on``:
+    where this CPU runs it faster than the dense copy (:func:`int8_gemm_is_faster`). ``int8_every_forward``:
+    the model never decodes (fill-mask): every forward runs int8 GEMM where this CPU runs it faster than the
+    dense copy at ``FILL_ROWS`` rows, and the copy is dropped; no decode kernel is bound. ``int8_kernels_on``:
     maskserve's kernels (service/engine/int8_kernels.py) where they build here: the float32 product for decode
     steps below ``DENSE_FROM_ROWS`` rows where the activations are float32, the VNNI product for int8 GEMM.
     ``calibration``: the samples :func:`calibrate_int8_gemm` smooths int8 GEMM from, where it is chosen; before
@@ -385,22 +410,32 @@ def apply_precision(
     model.to(dense)
     if precision is Precision.INT8:
         # After the cast (which also cast the scales and the bfloat16 copy): the copy and scales as kernels want.
-        own = int8_kernels_on and device.type == "cpu"
+        cpu = device.type == "cpu"
+        own = int8_kernels_on and cpu
         gemm = own and int8_kernels.gemm_available()
-        int8_gemm = int8_decode_gemm and device.type == "cpu" and int8_gemm_is_faster(dense, gemm)
-        matvec = own and dense == torch.float32 and int8_kernels.matvec_available()
+        every = int8_every_forward and cpu and int8_gemm_is_faster(dense, gemm, rows=FILL_ROWS)
+        decoding = not int8_every_forward
+        int8_gemm = decoding and int8_decode_gemm and cpu and int8_gemm_is_faster(dense, gemm)
+        matvec = decoding and own and dense == torch.float32 and int8_kernels.matvec_available()
         linears = [module for module in model.modules() if isinstance(module, Int8Linear)]
         for module in linears:
             module.settle_dtypes(dense)
             module.int8_gemm = int8_gemm
-        if int8_gemm and calibration is not None:
-            calibrate_int8_gemm(model, calibration())
+        if (int8_gemm or every) and calibration is not None:
+            calibrate_int8_gemm(model, calibration())  # on the dense copy, before it is dropped
         for module in linears:
-            module.bind_kernels(matvec=matvec, gemm=gemm and int8_gemm)
-        batches = ("int8 (int8_kernels.c)" if gemm else "int8 (torch._int_mm)") if int8_gemm else str(dense)
-        steps = "int8_kernels.c" if matvec else "_weight_int8pack_mm"
-        log.info("int8: %d linear layers quantized; %s GEMM for forwards of many rows, %s GEMM for decode "
-                 "batches from %d rows, %s below", count, dense, batches, DENSE_FROM_ROWS, steps)  # fmt: skip
+            module.int8_every_forward = every
+            if every:
+                module.dense = None  # never read: every forward runs int8 GEMM
+            module.bind_kernels(matvec=matvec, gemm=gemm and (int8_gemm or every))
+        product = "int8 (int8_kernels.c)" if gemm else "int8 (torch._int_mm)"
+        if every:
+            log.info("int8: %d linear layers quantized; %s GEMM for every forward", count, product)
+        else:
+            batches = product if int8_gemm else str(dense)
+            steps = "int8_kernels.c" if matvec else "_weight_int8pack_mm"
+            log.info("int8: %d linear layers quantized; %s GEMM for forwards of many rows, %s GEMM for decode "
+                     "batches from %d rows, %s below", count, dense, batches, DENSE_FROM_ROWS, steps)  # fmt: skip
     return model.eval()
 
 
@@ -428,15 +463,15 @@ def fastest_dense_dtype() -> torch.dtype:
 
 
 @functools.cache
-def int8_gemm_is_faster(dense: torch.dtype, own_kernel: bool = False) -> bool:
+def int8_gemm_is_faster(dense: torch.dtype, own_kernel: bool = False, rows: int = 32) -> bool:
     """Whether int8 GEMM (:meth:`Int8Linear.int8_product`, quantizing the rows included; on int8_kernels.c's
-    product where ``own_kernel``) beats GEMM on the ``dense`` copy for a decode batch: (32 x 576) @ (576 x 1536),
-    the shape of SmolLM2's gate and up projections, the median of 5 alternated rounds of 10 products each,
-    ~30 ms. Timed once per process."""
+    product where ``own_kernel``) beats GEMM on the ``dense`` copy for ``rows`` rows (a decode batch of 32, or
+    ``FILL_ROWS``): (rows x 576) @ (576 x 1536), the shape of SmolLM2's gate and up projections, the median of 5
+    alternated rounds of 10 products each, ~30 ms at 32 rows, ~0.3 s at 512. Timed once per process and shape."""
     generator = torch.Generator().manual_seed(0)
     lin = Int8Linear(torch.randn(1536, 576, generator=generator) * 0.02, None, dense_from_rows=1, dense_dtype=dense)
     lin.bind_kernels(matvec=False, gemm=own_kernel)
-    x = torch.randn(32, 1, 576, generator=generator).to(dense)  # the activations' dtype
+    x = torch.randn(rows, 1, 576, generator=generator).to(dense)  # the activations' dtype
     times: dict[bool, list[float]] = {True: [], False: []}
     with torch.inference_mode():
         for _ in range(6):  # the first round warms both up and is dropped
@@ -447,8 +482,8 @@ def int8_gemm_is_faster(dense: torch.dtype, own_kernel: bool = False) -> bool:
                     lin(x)
                 rounds.append(time.perf_counter() - started)
     medians = {gemm: statistics.median(t[1:]) for gemm, t in times.items()}
-    log.info("decode batch of 32 rows: int8 GEMM %.1f us, %s GEMM %.1f us", medians[True] * 1e5,
-             dense, medians[False] * 1e5)  # fmt: skip
+    log.info("%d rows: int8 GEMM %.1f us, %s GEMM %.1f us", rows, medians[True] * 1e5, dense,
+             medians[False] * 1e5)  # fmt: skip
     return medians[True] < medians[False]
 
 
@@ -494,10 +529,20 @@ def decode_step_kernel(model: nn.Module) -> str:
 def decode_batch_kernel(model: nn.Module) -> str:
     """What a decode batch of ``DENSE_FROM_ROWS`` rows or more multiplies by: "int8_gemm", or the dense dtype
     ("bfloat16", "float32": the model's own for float precisions), for ``maskserve info``."""
+    return _kernel_name(model, lambda k: (DENSE_FROM_ROWS, 1, k))
+
+
+def many_rows_kernel(model: nn.Module) -> str:
+    """What a forward of many tokens (prefill, every fill-mask forward) multiplies by, named as
+    :func:`decode_batch_kernel` names it."""
+    return _kernel_name(model, lambda k: (2, DENSE_FROM_ROWS, k))
+
+
+def _kernel_name(model: nn.Module, shape: Callable[[int], tuple[int, ...]]) -> str:
     linear = next((m for m in model.modules() if isinstance(m, Int8Linear)), None)
     if linear is None:
         return str(next(model.parameters()).dtype).removeprefix("torch.")
-    kernel = linear.kernel((DENSE_FROM_ROWS, 1, linear.in_features))
+    kernel = linear.kernel(shape(linear.in_features))
     if kernel is Kernel.DENSE and linear.dense is not None:
         return str(linear.dense.dtype).removeprefix("torch.")
     return kernel.value
