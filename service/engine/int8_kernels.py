@@ -179,8 +179,8 @@ class Int8Weights:
 
 class Int8GemmWeights:
     """One layer's int8 weights bound to the VNNI product: float32 rows -> :meth:`Int8Linear.int8_product`'s
-    output exactly (each row divided by ``smoothing`` where given (times its reciprocals), quantized with its own scale as
-    ``quantize_rows`` does, exact int32 sums, ``(sum * row scale) * channel scale``).
+    output exactly (each row times the reciprocals of ``smoothing`` where given, quantized with its own scale
+    as ``quantize_rows`` does, exact int32 sums, ``(sum * row scale) * channel scale``).
 
     Packs the weights once, for the kernel (16 channels x 4 k a vector): a second int8 copy of them, the same
     size. Rebind after replacing the tensors.

@@ -528,20 +528,29 @@ def test_a_fill_mask_model_runs_every_forward_on_int8_gemm_where_faster(
     assert precision_mod.FILL_ROWS in timed
     assert loaded.fill_mask_precision is Precision.INT8
     assert loaded.describe()["fill_mask_kernel"] == "int8_gemm"
-    assert loaded.fill_mask_model is not None and loaded.generation_model is not None
+    assert loaded.fill_mask_model is not None
+    assert loaded.generation_model is not None
     fill = [m for m in loaded.fill_mask_model.modules() if isinstance(m, Int8Linear)]
-    assert fill and all(m.int8_every_forward and m.dense is None and m.smoothing is not None for m in fill)
+    assert fill
+    assert all(m.int8_every_forward and m.dense is None and m.smoothing is not None for m in fill)
     assert all((m.gemm is not None) == own_kernels for m in fill if m.in_features % 64 == 0)
     assert all(m.matvec is None for m in fill)  # it never decodes
     assert all(m.kernel(shape) is Kernel.INT8_GEMM for m in fill for shape in [(2, 7, 64), (3, 64), (1, 1, 64)])
     gen = [m for m in loaded.generation_model.modules() if isinstance(m, Int8Linear)]
-    assert not any(m.int8_every_forward for m in gen) and all(m.dense is not None for m in gen)
+    assert not any(m.int8_every_forward for m in gen)
+    assert all(m.dense is not None for m in gen)
     used: list[Kernel] = []
     real = Int8Linear.kernel
-    monkeypatch.setattr(Int8Linear, "kernel", lambda self, shape: used.append(real(self, shape)) or used[-1])
+
+    def recording(self: Int8Linear, shape: tuple[int, ...]) -> Kernel:
+        used.append(real(self, shape))
+        return used[-1]
+
+    monkeypatch.setattr(Int8Linear, "kernel", recording)
     logp = forward_rows(loaded, [Row((3, 4, 5, 6), (2,)), Row((7, 8, 9), (1, 2))])
     assert all(torch.isfinite(x).all() for x in logp)
-    assert len(used) == len(fill) and set(used) == {Kernel.INT8_GEMM}  # every product, the head's too
+    assert len(used) == len(fill)  # every product, the head's too
+    assert set(used) == {Kernel.INT8_GEMM}
 
 
 @pytest.mark.parametrize("dense", [torch.bfloat16, torch.float32])
