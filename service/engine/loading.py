@@ -22,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from transformers import (  # noqa: E402
 from service.config import BUNDLED_MODEL, NO_ADAPTER, SHIPPED_ADAPTER, ConfigError, Device, Precision, Settings
 from service.engine.fused_decoder import FusedDecoder, fused_decoder
 from service.engine.precision import (
+    CalibrationBatch,
     activation_dtype,
     apply_precision,
     decode_batch_kernel,
@@ -50,6 +52,7 @@ from service.engine.precision import (
     resolve_precision,
 )
 from service.engine.steering import enable_steering
+from service.masks.fill import fill_attention
 
 log = logging.getLogger("maskserve.loading")
 
@@ -251,12 +254,25 @@ def max_length_of(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) ->
 CALIBRATION_TEXT = Path(__file__).resolve().parent.parent / "data" / "int8_calibration.txt"
 
 
-def calibration_samples(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[torch.Tensor]:
-    """The token ids of service/data/int8_calibration.txt (16 varied lines: prose, questions, code, JSON),
-    one sequence a line, on the model's device: what int8 GEMM's smoothing is measured on at load."""
+def calibration_batch(
+    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, *, kind: ModelKind, bidirectional: bool = False
+) -> CalibrationBatch:
+    """The lines of service/data/int8_calibration.txt (16 varied lines: prose, questions, code, JSON) as one
+    right-padded forward, on the model's device, masked as the model is served (causal; ``bidirectional``: the
+    fill-mask model's mask, whose activations differ for an MNTP decoder): what int8 GEMM's smoothing is
+    measured on at load. Encoders keep their own position ids (service/engine/fill/forward.py)."""
     device = next(model.parameters()).device
-    lines = [line for line in CALIBRATION_TEXT.read_text().splitlines() if line.strip()]
-    return [torch.tensor(tokenizer(line)["input_ids"], device=device) for line in lines]
+    dtype = next(model.parameters()).dtype
+    lines = [tokenizer(line)["input_ids"] for line in CALIBRATION_TEXT.read_text().splitlines() if line.strip()]
+    width = max(len(ids) for ids in lines)
+    pad = int(tokenizer.pad_token_id or 0)
+    ids = torch.tensor([[*line, *[pad] * (width - len(line))] for line in lines], device=device)  # (B, T)
+    tokens = torch.tensor([[t < len(line) for t in range(width)] for line in lines], device=device)  # (B, T)
+    masks = fill_attention([len(line) for line in lines], dtype, device, causal=not bidirectional)
+    inputs = {"input_ids": ids, "attention_mask": masks.attention}
+    if kind is ModelKind.DECODER:
+        inputs["position_ids"] = masks.position_ids
+    return CalibrationBatch(inputs, tokens)
 
 
 def load_model(settings: Settings) -> LoadedModel:
@@ -302,11 +318,12 @@ def load_model(settings: Settings) -> LoadedModel:
     if gen is not None:
         apply_precision(gen, gen_precision, int8_decode_gemm=settings.int8_decode_gemm,
                         int8_kernels_on=settings.int8_kernels,
-                        calibration=lambda: calibration_samples(tokenizer, gen))  # fmt: skip
+                        calibration=lambda: calibration_batch(tokenizer, gen, kind=kind))  # fmt: skip
     if fill is not None and fill is not gen:
         # It never decodes: int8 GEMM for every forward where that is faster here, no decode-step kernel.
         apply_precision(fill, fill_precision, int8_every_forward=True, int8_kernels_on=settings.int8_kernels,
-                        calibration=lambda: calibration_samples(tokenizer, fill))  # fmt: skip
+                        calibration=partial(calibration_batch, tokenizer, fill, kind=kind,
+                                            bidirectional=True))  # fmt: skip
     precision = gen_precision if gen is not None else fill_precision
     mask_id = tokenizer.convert_tokens_to_ids(mask_token) if mask_token is not None else None
     assert mask_id is None or isinstance(mask_id, int)

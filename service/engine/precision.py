@@ -63,6 +63,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -387,7 +388,7 @@ def apply_precision(
     int8_decode_gemm: bool = True,
     int8_every_forward: bool = False,
     int8_kernels_on: bool = True,
-    calibration: Callable[[], Sequence[Tensor]] | None = None,
+    calibration: Callable[[], CalibrationBatch] | None = None,
 ) -> nn.Module:
     """Cast (and for int8, quantize) a loaded model in place; ``precision`` is resolved (not ``auto``).
 
@@ -397,7 +398,7 @@ def apply_precision(
     dense copy at ``FILL_ROWS`` rows, and the copy is dropped; no decode kernel is bound. ``int8_kernels_on``:
     maskserve's kernels (service/engine/int8_kernels.py) where they build here: the float32 product for decode
     steps below ``DENSE_FROM_ROWS`` rows where the activations are float32, the VNNI product for int8 GEMM.
-    ``calibration``: the samples :func:`calibrate_int8_gemm` smooths int8 GEMM from, where it is chosen; before
+    ``calibration``: the text :func:`calibrate_int8_gemm` smooths int8 GEMM from, where it is chosen; before
     the VNNI product packs its weights, so they are packed once, smoothed."""
     if precision is Precision.AUTO:
         raise ValueError("resolve the precision first (resolve_precision)")
@@ -487,34 +488,77 @@ def int8_gemm_is_faster(dense: torch.dtype, own_kernel: bool = False, rows: int 
     return medians[True] < medians[False]
 
 
-SMOOTHING_ALPHA = 0.5  # s = amax^alpha; 0.4 / 0.6 measured worse (docs/generation.md "Precision")
+# s = amax^alpha, alpha chosen per input from these: the one whose int8 GEMM comes closest to the dense product
+# on the calibration rows (docs/generation.md "Precision": a fixed 0.5 lost 1.5 cloze points on fill-mask).
+SMOOTHING_ALPHAS = (0.4, 0.5, 0.6, 0.7, 0.8)
+CALIBRATION_ROWS = 256  # rows of each layer's input the choice is measured on (evenly spaced)
+CALIBRATION_CHANNELS = 512  # output channels per layer the choice is measured on (evenly spaced): load time
+
+
+@dataclass(frozen=True)
+class CalibrationBatch:
+    """Calibration text as one forward: its keyword arguments (``input_ids`` (B, T) right-padded, and the
+    masks the model is served with) and which positions are text, (B, T) bool (padding is not calibrated on)."""
+
+    inputs: dict[str, Tensor]
+    tokens: Tensor
 
 
 @torch.inference_mode()
-def calibrate_int8_gemm(model: nn.Module, samples: Sequence[Tensor]) -> int:
-    """Smooth the int8 GEMM of every :class:`Int8Linear` of ``model`` from its inputs on ``samples`` (token id
-    sequences (T,), forwarded one by one on the dense path): per input channel, ``s = amax|x|^alpha``,
-    divided by its median so the typical channel keeps its scale. Layers that read the same input (q, k and v;
-    gate and up) get the same ``s``, so the fused step may stack them. Returns how many were smoothed."""
+def calibrate_int8_gemm(model: nn.Module, batch: CalibrationBatch) -> int:
+    """Smooth the int8 GEMM of every :class:`Int8Linear` of ``model`` from its inputs at the text positions of
+    ``batch`` (one forward on the dense path): per input channel, ``s = amax|x|^alpha``, divided by its median
+    so the typical channel keeps its scale. Layers that read the same input (q, k and v; gate and up) get the
+    same ``s``, so the fused step may stack them; ``alpha`` is chosen for each such input
+    (:func:`_smoothing_error`). Returns how many layers were smoothed."""
     linears = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    text = batch.tokens.reshape(-1)  # (B * T,)
     amax: dict[int, Tensor] = {}
+    rows: dict[int, Tensor] = {}
 
     def record(module: nn.Module, inputs: tuple[Tensor, ...], _: Tensor) -> None:
-        seen = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().abs().amax(dim=0)  # (K,)
-        amax[id(module)] = torch.maximum(amax[id(module)], seen) if id(module) in amax else seen
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])[text].float()  # (N, K): the text's rows
+        amax[id(module)] = x.abs().amax(dim=0)  # (K,)
+        rows[id(module)] = x[:: max(1, len(x) // CALIBRATION_ROWS)][:CALIBRATION_ROWS]  # (R, K)
 
     hooks = [m.register_forward_hook(record) for m in linears]
     try:
-        for ids in samples:
-            model(input_ids=ids[None])
+        model(**batch.inputs)
     finally:
         for hook in hooks:
             hook.remove()
-    smoothed = [m for m in linears if id(m) in amax]  # a layer the forward never ran keeps plain int8 GEMM
-    for module in smoothed:
-        smoothing = amax[id(module)].clamp(min=1e-5) ** SMOOTHING_ALPHA  # (K,)
-        module.smooth(smoothing / smoothing.median())
-    return len(smoothed)
+    inputs: list[tuple[Tensor, list[Int8Linear]]] = []  # (rows (R, K), the layers that read them)
+    for module in linears:  # a layer the forward never ran keeps plain int8 GEMM
+        if id(module) in rows:
+            x = rows[id(module)]
+            same = next((layers for seen, layers in inputs if torch.equal(seen, x)), None)
+            if same is not None:
+                same.append(module)
+            else:
+                inputs.append((x, [module]))
+    for x, layers in inputs:
+        # Each output channel has its own weight scale, so channels' errors are independent: a spaced subset
+        # of them measures the choice (the LM head has 49152).
+        dense = [m.dequantized(torch.float32)[:: max(1, m.out_features // CALIBRATION_CHANNELS)] for m in layers]
+        references = [x @ weights.t() for weights in dense]  # (R, O') each
+        candidates = [amax[id(layers[0])].clamp(min=1e-5) ** alpha for alpha in SMOOTHING_ALPHAS]  # (K,) each
+        candidates = [s / s.median() for s in candidates]
+        best = min(candidates, key=lambda s: _smoothing_error(x, dense, references, s))
+        for module in layers:
+            module.smooth(best)
+    return sum(len(layers) for _, layers in inputs)
+
+
+def _smoothing_error(x: Tensor, dense: Sequence[Tensor], references: Sequence[Tensor], smoothing: Tensor) -> float:
+    """How far int8 GEMM smoothed by ``smoothing`` is from the dense products ``references = x dense^T`` on rows
+    ``x``: the relative squared error, summed over the layers. x (R, K), dense (O, K) each, smoothing (K,)"""
+    q, row_scale = quantize_rows(x * (1.0 / smoothing))  # (R, K) int8, (R, 1)
+    error = 0.0
+    for weights, reference in zip(dense, references, strict=True):
+        smoothed, scales = quantize_per_channel(weights * smoothing[None, :])  # (O, K) int8, (O,)
+        y = torch._int_mm(q, smoothed.t()).float() * row_scale * scales.float()  # (R, O)
+        error += float(((y - reference) ** 2).sum() / (reference**2).sum().clamp(min=1e-30))
+    return error
 
 
 def decode_step_kernel(model: nn.Module) -> str:
