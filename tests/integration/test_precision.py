@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -688,24 +688,24 @@ def _int8_fill(settings: Settings, *, int8_gemm: bool) -> LoadedModel:
     return loaded
 
 
-@pytest.fixture(scope="module")
-def int8_mntp(mntp_settings: Settings) -> LoadedModel:
-    return _int8_fill(mntp_settings, int8_gemm=True)
+# The fill-mask models on int8 GEMM (every forward) and on the dense copy (_int8_fill).
+FILL_MODELS = ["bert", "mntp", "bert_dense", "mntp_dense"]
 
 
 @pytest.fixture(scope="module")
-def int8_bert(bert_settings: Settings) -> LoadedModel:
-    return _int8_fill(bert_settings, int8_gemm=True)
+def int8_fill_model(request: pytest.FixtureRequest) -> Callable[[str], LoadedModel]:
+    """The int8 model of a FILL_MODELS name, loaded once each: ``<kind>`` on int8 GEMM, ``<kind>_dense`` on the
+    dense copy, from the ``<kind>_settings`` fixture."""
+    loaded: dict[str, LoadedModel] = {}
 
+    def get(name: str) -> LoadedModel:
+        if name not in loaded:
+            kind = name.removesuffix("_dense")
+            settings = request.getfixturevalue(f"{kind}_settings")
+            loaded[name] = _int8_fill(settings, int8_gemm=name == kind)
+        return loaded[name]
 
-@pytest.fixture(scope="module")
-def int8_mntp_dense(mntp_settings: Settings) -> LoadedModel:
-    return _int8_fill(mntp_settings, int8_gemm=False)
-
-
-@pytest.fixture(scope="module")
-def int8_bert_dense(bert_settings: Settings) -> LoadedModel:
-    return _int8_fill(bert_settings, int8_gemm=False)
+    return get
 
 
 @pytest.fixture
@@ -861,15 +861,13 @@ def test_int8_generate_isolation_makes_order_irrelevant(int8_llama_client: TestC
     test_attention_api.test_isolated_segments_with_restarts_make_order_irrelevant(int8_llama_client)
 
 
-# The fill-mask models on int8 GEMM (every forward) and on the dense copy (_int8_fill).
-FILL_MODELS = ["bert", "mntp", "bert_dense", "mntp_dense"]
-
-
 @pytest.fixture(scope="module", params=FILL_MODELS)
-def int8_fill_client(request: pytest.FixtureRequest) -> Iterator[tuple[TestClient, LoadedModel]]:
+def int8_fill_client(
+    request: pytest.FixtureRequest, int8_fill_model: Callable[[str], LoadedModel]
+) -> Iterator[tuple[TestClient, LoadedModel]]:
     kind = request.param.removesuffix("_dense")
     settings: Settings = _settings(request.getfixturevalue(f"{kind}_settings"), "int8")
-    loaded: LoadedModel = request.getfixturevalue(f"int8_{request.param}")
+    loaded = int8_fill_model(request.param)
     with TestClient(create_app(settings, loaded=loaded)) as c:
         yield c, loaded
 
@@ -916,18 +914,24 @@ def test_int8_fill_mask_steering_path_equals_mask_path(int8_fill_client: tuple[T
     test_attention_fill_mask.test_emphasis_on_every_layer_equals_emphasis_on_all(int8_fill_client)
 
 
-@pytest.mark.parametrize("which", [f"int8_{name}" for name in FILL_MODELS])
-def test_int8_forward_rows_batch_invariance(which: str, request: pytest.FixtureRequest) -> None:
-    test_fill_mask_engine.test_forward_rows_batch_invariance(which, request)
+@pytest.mark.parametrize("which", FILL_MODELS)
+def test_int8_forward_rows_batch_invariance(which: str, int8_fill_model: Callable[[str], LoadedModel]) -> None:
+    """The engine test (a row alone or in a batch of five: within 1e-5) on the int8 models."""
+
+    class Fixtures:
+        def getfixturevalue(self, name: str) -> Any:
+            return int8_fill_model(name)
+
+    test_fill_mask_engine.test_forward_rows_batch_invariance(which, Fixtures())  # type: ignore[arg-type]  # a stand-in FixtureRequest
 
 
 @pytest.mark.parametrize("which", FILL_MODELS)
 def test_int8_fill_mask_alone_or_batched_same_top_k(
-    which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+    which: str, request: pytest.FixtureRequest, int8_fill_model: Callable[[str], LoadedModel]
 ) -> None:
     """The worker test (alone vs batched: same top-k, scores within 1e-5, tighter than the issue's 1e-3) on
     the int8 models: it reads ``tiny_<which>`` and ``<which>_settings``, pointed at the int8 ones here."""
-    int8 = request.getfixturevalue(f"int8_{which}")
+    int8 = int8_fill_model(which)
     settings = _settings(request.getfixturevalue(f"{which.removesuffix('_dense')}_settings"), "int8")
 
     class Fixtures:
